@@ -1,0 +1,24 @@
+//! `helpers`: the thin crate the experiment notebooks call for everything that is not the model
+//! or the training loop. The model and the loop live in the notebooks, where researchers edit them.
+//!
+//! One module per concern, each small enough to read in one sitting:
+//! - [`runtime`]: load libtorch (and its CUDA library), choose the device and the thread count.
+//! - [`data`]: the bundled-data pipeline: tokenize a JSONL corpus once (cached), split train /
+//!   validation by documents, cut batches of token windows.
+//! - [`run`]: run directories (config, metrics JSONL, weights), atomic writes, timestamps.
+//! - [`config`]: overrides of config fields from environment variables, for headless runs.
+//!
+//! Every function that can fail on user input returns `anyhow::Result` with a message that says
+//! what to do: a panic in a notebook cell can cost the user every variable they had.
+//!
+//! Environment variables read here (all optional):
+//! `MOE_DEVICE` (auto|cpu|cuda|cuda:N), `MOE_THREADS`, `MOE_RUN_DIR`.
+pub mod config;
+pub mod data;
+pub mod run;
+pub mod runtime;
+
+pub use config::{env_parse, Overrides};
+pub use data::{Corpus, Tokenizer};
+pub use run::{project_root, MetricsLog, RunDir};
+pub use runtime::Runtime;

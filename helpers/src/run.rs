@@ -1,0 +1,140 @@
+//! Run directories: where a run's config, metrics and weights go.
+//!
+//! A run directory holds `config.json` (both config structs), `metrics.jsonl` (one JSON object per
+//! logged step, flushed as it is written so a crash loses nothing already logged) and
+//! `model.safetensors` (written by the notebook's saving cell).
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The project root: the nearest ancestor of the current directory holding both `helpers/` and
+/// `experiments/`. Notebooks run with their own folder as the current directory.
+pub fn project_root() -> Result<PathBuf> {
+    let cwd = std::env::current_dir()?;
+    cwd.ancestors()
+        .find(|d| d.join("helpers").is_dir() && d.join("experiments").is_dir())
+        .map(Path::to_path_buf)
+        .with_context(|| format!("{} is not inside the project (no ancestor has helpers/ and experiments/)", cwd.display()))
+}
+
+/// A run's output directory.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Uses `$MOE_RUN_DIR` if set, else `<project>/runs/<experiment>/<UTC timestamp>`; creates it.
+    pub fn create(experiment: &str) -> Result<Self> {
+        let path = match std::env::var("MOE_RUN_DIR") {
+            Ok(p) if !p.trim().is_empty() => PathBuf::from(p),
+            _ => project_root()?.join("runs").join(experiment).join(utc_timestamp()),
+        };
+        Self::at(path)
+    }
+
+    /// Creates (if needed) and uses `path`.
+    pub fn at(path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create run directory {}; set MOE_RUN_DIR to a writable place", path.display()))?;
+        Ok(Self { path })
+    }
+
+    /// `<run>/<name>`.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Writes `value` as pretty JSON to `<run>/<name>`, atomically.
+    pub fn write_json(&self, name: &str, value: &impl Serialize) -> Result<PathBuf> {
+        let p = self.file(name);
+        let mut s = serde_json::to_string_pretty(value)?;
+        s.push('\n');
+        write_atomic(&p, s.as_bytes())?;
+        Ok(p)
+    }
+
+    /// Opens `<run>/metrics.jsonl` for appending.
+    pub fn metrics(&self) -> Result<MetricsLog> {
+        MetricsLog::open(self.file("metrics.jsonl"))
+    }
+}
+
+/// An append-only JSONL file, one object per logged step, flushed on every row.
+pub struct MetricsLog {
+    file: File,
+    pub path: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {} for appending", path.display()))?;
+        Ok(Self { file, path })
+    }
+
+    /// Appends one row. `row` must serialise to a JSON object.
+    pub fn log(&mut self, row: &impl Serialize) -> Result<()> {
+        let v = serde_json::to_value(row)?;
+        anyhow::ensure!(v.is_object(), "a metrics row must be a JSON object, got {v}");
+        let mut line = serde_json::to_string(&v)?;
+        line.push('\n');
+        // One write call per row, so a crash leaves whole lines only (O_APPEND).
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("cannot write to {}", self.path.display()))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// crash or kill mid-write never leaves a truncated file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().context("path has no file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC, for run directory names.
+pub fn utc_timestamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// `1h02m`, `3m05s`, `42s`: for ETAs in progress lines.
+pub fn fmt_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}
