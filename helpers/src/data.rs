@@ -12,7 +12,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// The bundled corpus, relative to the project root (see `data/default/README.md`).
 pub const DEFAULT_CORPUS: &str = "data/default/shakespeare.jsonl";
@@ -162,9 +162,9 @@ fn windows(tokens: &[u32], starts: &[usize], t: usize, device: Device) -> (Tenso
         buf.extend(tokens[s..s + t + 1].iter().map(|&x| x as i64));
     }
     let w = Tensor::from_slice(&buf).view([starts.len() as i64, t as i64 + 1]); // (B, T+1)
-    let x = w.narrow(1, 0, t as i64).to_device(device); // (B, T)
-    let y = w.narrow(1, 1, t as i64).to_device(device); // (B, T)
-    (x.to_kind(Kind::Int64), y.to_kind(Kind::Int64))
+    let x = w.narrow(1, 0, t as i64).contiguous().to_device(device); // (B, T)
+    let y = w.narrow(1, 1, t as i64).contiguous().to_device(device); // (B, T)
+    (x, y)
 }
 
 fn parse_jsonl(bytes: &[u8], path: &Path) -> Result<Vec<String>> {

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# One command for everything: installs what is missing (idempotently), then runs what you ask.
+#
+#   bash setup.sh              set up only: Python env, Rust kernel, helpers build
+#   bash setup.sh run [NB]     set up, then execute NB headlessly (default: the base-olmoe experiment)
+#   bash setup.sh test         set up, then run the whole test suite (what CI runs)
+#   bash setup.sh lab          set up, then start JupyterLab with the Rust kernel
+#   bash setup.sh env          print the environment exports, for `eval "$(bash setup.sh env)"`
+#
+# Needs: bash, git, python3 >= 3.10 with venv, a C++ compiler (g++), Rust via rustup (cargo on PATH).
+# No root: everything goes into .venv/, target/ and ~/.cargo. Downloads come only from PyPI and
+# crates.io. On a GPU pod the same wheel brings the CUDA libraries; only an NVIDIA driver is needed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+EVCXR_VERSION="0.22.0"
+# Python packages, pinned. torch 2.13.0 is what tch 0.26.0 binds.
+PY_PKGS=(torch==2.13.0 jupyterlab==4.6.6 nbclient==0.11.0 nbformat==5.11.1 pytest==9.2.0)
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+check_prereqs() {
+  command -v python3 >/dev/null || die "python3 not found; install Python 3.10+ (Debian/Ubuntu: apt-get install python3 python3-venv, needs root)"
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "python3 is $(python3 -V 2>&1); Python 3.10+ is needed"
+  python3 -c 'import venv, ensurepip' 2>/dev/null || die "python3 has no venv/ensurepip module (Debian/Ubuntu: apt-get install python3-venv, needs root)"
+  command -v cargo >/dev/null || die "cargo not found; install Rust with rustup (https://rustup.rs), then open a new shell"
+  command -v c++ >/dev/null || command -v g++ >/dev/null || die "no C++ compiler; tch builds C++ glue (Debian/Ubuntu: apt-get install g++, needs root)"
+}
+
+python_env() {
+  local stamp="$VENV/.setup-python" want
+  want="$(printf '%s\n' "${PY_PKGS[@]}")"
+  if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    say "python env .venv: up to date (torch 2.13.0, jupyterlab, nbclient, pytest)"
+    return
+  fi
+  [ -x "$VENV/bin/python" ] || { say "creating python env .venv"; python3 -m venv "$VENV"; }
+  say "installing ${PY_PKGS[*]} into .venv (first time: ~5 GB with torch's CUDA libraries, a few minutes)"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet "${PY_PKGS[@]}"
+  printf '%s' "$want" > "$stamp"
+}
+
+export_env() {
+  # What cargo (torch-sys) and the kernel need to find libtorch.
+  export VIRTUAL_ENV="$VENV"
+  export PATH="$VENV/bin:$PATH"
+  export LIBTORCH_USE_PYTORCH=1
+  TORCH_LIB="$VENV/lib/python$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages/torch/lib"
+  export TORCH_LIB
+  export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export JUPYTER_PATH="$VENV/share/jupyter"
+}
+
+rust_kernel() {
+  if rustup component list --installed 2>/dev/null | grep -q '^rust-src'; then
+    say "rust-src: installed"
+  else
+    say "adding rustup component rust-src (evcxr needs it)"
+    rustup component add rust-src
+  fi
+  if cargo install --list | grep -q "^evcxr_jupyter v$EVCXR_VERSION:"; then
+    say "evcxr_jupyter $EVCXR_VERSION: installed"
+  else
+    say "building evcxr_jupyter $EVCXR_VERSION with --locked (first time: ~6 min on 2 cores)"
+    cargo install --quiet --locked evcxr_jupyter --version "$EVCXR_VERSION"
+  fi
+  # Register the kernel inside .venv, with the environment libtorch needs. Rewritten every time
+  # (cheap), because evcxr rewrites kernel.json without our env when its version changes.
+  local kdir="$VENV/share/jupyter/kernels/rust"
+  JUPYTER_PATH="$VENV/share/jupyter" evcxr_jupyter --install >/dev/null
+  "$VENV/bin/python" - "$kdir/kernel.json" "$VENV" "$TORCH_LIB" "$ROOT/helpers/scripts/evcxr-kernel.sh" "$(command -v evcxr_jupyter)" <<'PY'
+import json, sys
+path, venv, torch_lib, launcher, evcxr = sys.argv[1:]
+spec = json.load(open(path))
+spec["display_name"] = "Rust (MoE research kernel)"
+# The launcher gives each running kernel its own, persistent build directory.
+spec["argv"] = ["bash", launcher, "--control_file", "{connection_file}"]
+spec["env"] = {
+    "VIRTUAL_ENV": venv,
+    "PATH": f"{venv}/bin:${{PATH}}",
+    "LIBTORCH_USE_PYTORCH": "1",
+    "LD_LIBRARY_PATH": torch_lib,
+    "EVCXR_JUPYTER": evcxr,
+}
+json.dump(spec, open(path, "w"), indent=2)
+PY
+  say "rust kernel registered in .venv (LD_LIBRARY_PATH=torch/lib, LIBTORCH_USE_PYTORCH=1)"
+}
+
+build_helpers() {
+  say "building helpers (first time: tch's C++ glue, ~3 min)"
+  cargo build --quiet -p helpers
+  # Warm the kernel's build directory with the notebooks' dependencies, so the first notebook run
+  # does not spend minutes compiling tch inside the kernel.
+  local warm="$ROOT/target/evcxr-kernels/0/target"
+  if [ -d "$warm" ] && [ -f "$ROOT/target/.kernel-warm" ] && [ ! Cargo.lock -nt "$ROOT/target/.kernel-warm" ]; then
+    say "notebook dependencies: already compiled for the rust kernel"
+  else
+    say "compiling the notebook dependencies in the rust kernel (first time: ~3 min)"
+    MOE_RUN_DIR="$ROOT/target/kernel-warmup" "$VENV/bin/python" helpers/scripts/run_notebook.py tests/notebooks/deps.ipynb >/dev/null \
+      || die "the rust kernel could not build the notebook dependencies; see: bash setup.sh run tests/notebooks/deps.ipynb"
+    touch "$ROOT/target/.kernel-warm"
+  fi
+}
+
+setup() {
+  local t0=$SECONDS
+  check_prereqs
+  python_env
+  export_env
+  rust_kernel
+  build_helpers
+  say "ready ($((SECONDS - t0))s)"
+}
+
+cmd="${1:-setup}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup)
+    setup ;;
+  run)
+    setup
+    nb="${1:-experiments/base-olmoe/experiment.ipynb}"
+    [ -f "$nb" ] || die "notebook $nb does not exist"
+    say "running $nb (MOE_PRESET=${MOE_PRESET:-default} MOE_STEPS=${MOE_STEPS:-default})"
+    exec "$VENV/bin/python" helpers/scripts/run_notebook.py "$nb" ;;
+  test)
+    setup
+    say "cargo test (helpers)"
+    cargo test --quiet --workspace
+    say "pytest (notebooks executed in the rust kernel, repository rules)"
+    exec "$VENV/bin/python" -m pytest -v tests/ "$@" ;;
+  lab)
+    setup
+    say "starting JupyterLab; open experiments/base-olmoe/experiment.ipynb (kernel: Rust)"
+    exec "$VENV/bin/jupyter" lab "$@" ;;
+  env)
+    export_env >/dev/null
+    printf 'export VIRTUAL_ENV=%q PATH=%q LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH=%q JUPYTER_PATH=%q\n' \
+      "$VIRTUAL_ENV" "$PATH" "$LD_LIBRARY_PATH" "$JUPYTER_PATH" ;;
+  *)
+    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], test, lab, env" ;;
+esac
