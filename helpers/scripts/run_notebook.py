@@ -3,11 +3,14 @@
 
     python helpers/scripts/run_notebook.py experiments/base-olmoe/experiment.ipynb [--out executed.ipynb]
 
-Why not plain `jupyter execute`: it prints nothing until the end, and evcxr reports a panicking cell
-as a success unless `:preserve_vars_on_panic 0` is set. This runner
-- turns that setting on for the run (in memory; the notebook file is not changed),
+Why not plain `jupyter execute`: it prints nothing until the end, and evcxr reports two kinds of
+failure as success: a panic (unless `:preserve_vars_on_panic 0` is set), and an error returned by
+`?` at the top level of a cell (it prints the error and skips the rest of the cell). This runner
+- turns `:preserve_vars_on_panic 0` on for the run (in memory; the notebook file is not changed),
+- appends to each code cell a line that prints a sentinel, so a cell that returned early is caught
+  (the saved notebook shows the original sources),
 - prints each cell's output as it arrives, so training progress is visible,
-- fails (exit 1) on the first cell that errors or panics, naming the cell,
+- fails (exit 1) on the first cell that errors, panics or returns early, naming the cell,
 - sets MOE_RUN_DIR (runs/<experiment>/<timestamp> unless given) and saves the executed notebook
   there, so every run keeps the exact code that produced it.
 The kernel's launcher (helpers/scripts/evcxr-kernel.sh) picks its build directory.
@@ -16,17 +19,20 @@ Environment overrides for the notebook (MOE_PRESET, MOE_STEPS, MOE_SET, ...) pas
 import argparse
 import datetime
 import os
+import queue
 import re
 import sys
 import time
 from pathlib import Path
 
 import nbformat
+from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 ROOT = Path(__file__).resolve().parents[2]
 PANIC_MARKERS = ("panicked at", "Child process terminated with status")
+SENTINEL = "@@run_notebook: cell completed@@"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -43,7 +49,7 @@ class StreamingClient(NotebookClient):
         content = msg["content"]
         if msg_type == "stream":
             target = sys.stdout if content.get("name") == "stdout" else sys.stderr
-            target.write(content.get("text", ""))
+            target.write(content.get("text", "").replace(SENTINEL + "\n", "").replace(SENTINEL, ""))
             target.flush()
         elif msg_type == "error":
             sys.stderr.write(plain("\n".join(content.get("traceback") or [content.get("evalue", "")])) + "\n")
@@ -54,14 +60,62 @@ class StreamingClient(NotebookClient):
         return super().output(outs, msg, display_id, cell_index)
 
 
-def cell_failed_silently(cell) -> str | None:
-    """A panic that evcxr still reported as success leaves its message in the outputs."""
-    for out in cell.get("outputs", []):
-        text = out.get("text", "") if out.get("output_type") == "stream" else ""
-        for marker in PANIC_MARKERS:
-            if marker in text:
-                return text.strip().splitlines()[-1] if text.strip() else marker
+def with_sentinel(source: str) -> str:
+    """Appends a statement printing SENTINEL, in the form that compiles after the cell's last line:
+    after a statement or an item a plain statement; after a trailing expression `;` first (the
+    expression's value is then not displayed, which only matters for headless runs)."""
+    code = [l for l in source.splitlines() if l.strip() and not l.lstrip().startswith(("//", ":"))]
+    if not code:
+        return source
+    last = code[-1].rstrip()
+    sep = "\n" if last.endswith((";", "}")) else "\n;"
+    return f'{source}{sep}println!("{SENTINEL}");'
+
+
+def outputs_text(cell, stream: str | None = None) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", [])
+                   if o.get("output_type") == "stream" and (stream is None or o.get("name") == stream))
+
+
+def failure_of(cell) -> str | None:
+    """Why a cell that the kernel reported as done did not complete, or None."""
+    errs = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    if errs:
+        evalue = plain(errs[0].get("evalue", "")).strip()
+        return f"{errs[0].get('ename', 'error')}: {evalue.splitlines()[0] if evalue else ''}"
+    text = outputs_text(cell)
+    for marker in PANIC_MARKERS:
+        if marker in text:
+            return "panicked: " + next(l for l in text.splitlines() if marker in l).strip()
+    if SENTINEL not in text:
+        err = plain(outputs_text(cell, "stderr")).strip()
+        return "returned early with an error: " + (err.splitlines()[-1] if err else "(no message)")
     return None
+
+
+def drain_late_output(client, cell, wait: float = 3.0) -> None:
+    """Appends stream messages that arrive after the cell went idle (stopping at the sentinel)."""
+    get = run_sync(client.kc.get_iopub_msg)
+    deadline = time.time() + wait
+    while (remaining := deadline - time.time()) > 0:
+        try:
+            msg = get(timeout=remaining)
+        except queue.Empty:
+            return
+        if msg["msg_type"] != "stream":
+            continue
+        name, text = msg["content"].get("name", "stdout"), msg["content"].get("text", "")
+        cell.outputs.append(nbformat.v4.new_output("stream", name=name, text=text))
+        (sys.stdout if name == "stdout" else sys.stderr).write(text.replace(SENTINEL + "\n", ""))
+        if SENTINEL in text:
+            return
+
+
+def drop_sentinel(cell) -> None:
+    for o in cell.get("outputs", []):
+        if o.get("output_type") == "stream" and SENTINEL in o.get("text", ""):
+            o["text"] = o["text"].replace(SENTINEL + "\n", "").replace(SENTINEL, "")
+    cell["outputs"] = [o for o in cell.get("outputs", []) if not (o.get("output_type") == "stream" and not o.get("text"))]
 
 
 def main() -> int:
@@ -88,6 +142,7 @@ def main() -> int:
     nb.cells.insert(0, setup)
 
     code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    originals = {i: nb.cells[i].source for i in code_cells}
     client = StreamingClient(
         nb,
         timeout=None if args.timeout < 0 else args.timeout,
@@ -95,34 +150,31 @@ def main() -> int:
         kernel_name="rust",
         resources={"metadata": {"path": str(nb_path.parent)}},
     )
-
-    def on_cell_start(cell, cell_index, **_):
-        if cell_index == 0 or cell_index not in code_cells:
-            return
-        n = code_cells.index(cell_index)
-        first = next((l for l in cell.source.splitlines() if l.strip() and not l.startswith(":")), "")
-        print(f"\n[{experiment}] cell {n}/{len(code_cells) - 1}: {first[:70]}", flush=True)
-
-    client.on_cell_start = on_cell_start
     print(f"[{experiment}] executing {nb_path.relative_to(ROOT) if nb_path.is_relative_to(ROOT) else nb_path}"
           f" in the rust kernel; run dir {run_dir}", flush=True)
     t0 = time.time()
     status, failure = 0, None
-    try:
-        client.execute()
-    except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-        status, failure = 1, type(e).__name__
-        for i in code_cells:
-            errs = [o for o in nb.cells[i].get("outputs", []) if o.get("output_type") == "error"]
-            if errs:
-                ename, evalue = errs[0].get("ename", ""), plain(errs[0].get("evalue", "")).strip()
-                failure = f"cell {code_cells.index(i)} failed: {ename}: {evalue.splitlines()[0] if evalue else ''}"
-                break
-    if status == 0:
-        for i in code_cells:
-            why = cell_failed_silently(nb.cells[i])
+    with client.setup_kernel():
+        for n, i in enumerate(code_cells):
+            cell = nb.cells[i]
+            if n > 0:
+                first = next((l for l in cell.source.splitlines() if l.strip() and not l.startswith(":")), "")
+                print(f"\n[{experiment}] cell {n}/{len(code_cells) - 1}: {first[:70]}", flush=True)
+                cell.source = with_sentinel(cell.source)
+            try:
+                client.execute_cell(cell, i)
+                why = failure_of(cell) if n > 0 else None
+            except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
+                why = failure_of(cell) or f"{type(e).__name__}: {plain(str(e)).strip().splitlines()[-1]}"
+            cell.source = originals[i]
+            if why and why.startswith("returned early"):
+                # evcxr forwards the cell's output from another thread, so lines can reach the
+                # client after the cell is reported done; collect them before judging the cell.
+                drain_late_output(client, cell)
+                why = failure_of(cell)
+            drop_sentinel(cell)
             if why:
-                status, failure = 1, f"cell {code_cells.index(i)} panicked: {why}"
+                status, failure = 1, f"cell {n} failed: {why}"
                 break
     nb.cells.pop(0)
     out = args.out or run_dir / "executed.ipynb"

@@ -1,0 +1,97 @@
+"""Notebooks executed headlessly in the real Rust (evcxr) kernel, through the same runner as
+`bash setup.sh run`. Every notebook under experiments/ gets a very short CPU run."""
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "helpers" / "scripts" / "run_notebook.py"
+EXPERIMENTS = sorted(ROOT.glob("experiments/*/experiment.ipynb"))
+TORCH_LIB = Path(__import__("torch").__file__).parent / "lib"
+
+
+def run_notebook(nb: Path, run_dir: Path, **env) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
+    full_env.update({"MOE_RUN_DIR": str(run_dir), "MOE_DEVICE": "cpu", **env})
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), str(nb)],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=1800,
+    )
+    print(proc.stdout[-6000:])
+    print(proc.stderr[-6000:], file=sys.stderr)
+    return proc
+
+
+def safetensors_names(path: Path) -> set[str]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k for k in header if k != "__metadata__"}
+
+
+@pytest.mark.parametrize("nb", EXPERIMENTS, ids=[p.parent.name for p in EXPERIMENTS])
+def test_experiment_trains_briefly_on_cpu(nb, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_notebook(nb, run_dir, MOE_PRESET="cpu", MOE_STEPS="20",
+                        MOE_SET="train.log_every=5 train.eval_every=10 train.sample_tokens=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "libtorch_cuda loaded: true" in proc.stdout or not (TORCH_LIB / "libtorch_cuda.so").exists()
+    # Progress: one line per logged step with loss and tokens/s.
+    assert "step    20 | loss" in proc.stdout and "tok/s" in proc.stdout
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 5, 10, 15, 20]
+    assert all("train.loss" in r and "tokens_per_s" in r for r in rows[1:])
+    val = [r["val.loss"] for r in rows if "val.loss" in r]
+    assert len(val) == 3 and val[-1] < val[0] - 1.0, val
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["train"]["max_steps"] == 20 and cfg["model"]["num_experts"] >= 2
+    names = safetensors_names(run_dir / "model.safetensors")
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+            "model.layers.0.self_attn.q_norm.weight", "model.layers.0.mlp.gate.weight",
+            "model.layers.0.mlp.experts.0.gate_proj.weight"} <= names
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["val_loss_final"] < summary["val_loss_step0"]
+    assert (run_dir / "executed.ipynb").exists()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MOE_PRESET": "huge"}, 'unknown preset "huge"'),
+    ({"MOE_STEPS": "ten"}, 'MOE_STEPS="ten" is not a valid'),
+    ({"MOE_SET": "model.n_experts=4"}, "unknown field model.n_experts"),
+    ({"MOE_SET": "model.num_experts_per_tok=99"}, "num_experts_per_tok 99 must be in 1..=num_experts"),
+])
+def test_bad_overrides_fail_the_config_cell_with_a_clear_message(env, message, tmp_path):
+    nb = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
+    proc = run_notebook(nb, tmp_path / "run", **env)
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert message in out
+    assert "cell 2 failed" in out, "the config cell (cell 2) must be the one that fails"
+    assert "model built" not in out, "nothing may be allocated after a bad config"
+
+
+def test_kernel_loads_libtorch_cuda(tmp_path):
+    proc = run_notebook(ROOT / "tests" / "notebooks" / "deps.ipynb", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if (TORCH_LIB / "libtorch_cuda.so").exists():
+        assert "libtorch_cuda loaded: true" in proc.stdout
+
+
+def test_a_panicking_cell_fails_the_run(tmp_path):
+    proc = run_notebook(ROOT / "tests" / "notebooks" / "panics.ipynb", tmp_path / "run")
+    assert proc.returncode == 1
+    assert "before the panic: 42" in proc.stdout
+    assert "deliberate panic for the runner test" in proc.stdout + proc.stderr
+    assert "this cell must never run" not in proc.stdout
+
+
+def test_an_error_returned_by_a_cell_fails_the_run(tmp_path):
+    proc = run_notebook(ROOT / "tests" / "notebooks" / "errors.ipynb", tmp_path / "run")
+    assert proc.returncode == 1
+    assert "deliberate error for the runner test" in proc.stdout + proc.stderr
+    assert "this line must never run" not in proc.stdout

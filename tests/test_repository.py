@@ -1,0 +1,51 @@
+"""Repository rules a machine can check: stripped notebooks, ignored secrets, the Quickstart."""
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tracked(pattern: str) -> list[Path]:
+    out = subprocess.run(["git", "ls-files", pattern], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [ROOT / p for p in out.stdout.split()]
+
+
+NOTEBOOKS = sorted(set(tracked("*.ipynb")) | set(ROOT.glob("experiments/*/*.ipynb")) | set(ROOT.glob("data/*.ipynb")))
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[str(p.relative_to(ROOT)) for p in NOTEBOOKS])
+def test_notebook_is_committed_without_outputs(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    dirty = [i for i, c in enumerate(cells)
+             if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, f"{nb.name}: cells {dirty} have outputs; clear them before committing"
+    assert json.loads(nb.read_text())["metadata"]["kernelspec"]["name"] == "rust"
+
+
+def test_every_experiment_has_a_notebook_and_a_readme():
+    dirs = [d for d in (ROOT / "experiments").iterdir() if d.is_dir()]
+    assert dirs
+    for d in dirs:
+        assert (d / "experiment.ipynb").is_file(), d
+        assert (d / "README.md").is_file(), d
+
+
+def test_secrets_env_is_ignored_and_documented():
+    ignored = subprocess.run(["git", "check-ignore", "-q", "secrets.env"], cwd=ROOT)
+    assert ignored.returncode == 0, "secrets.env must be git-ignored"
+    example = (ROOT / "secrets.env.example").read_text()
+    for var in ["WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "HF_TOKEN"]:
+        assert re.search(rf"^#?\s*{var}=", example, re.M), var
+
+
+def test_readme_quickstart_is_two_commands_and_ci_runs_the_second():
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"^#+ .*[Qq]uick ?start.*?\n```[^\n]*\n(.*?)```", readme, re.S | re.M)
+    assert m, "README.md needs a Quickstart heading followed by a code block"
+    cmds = [l for l in m.group(1).splitlines() if l.strip() and not l.startswith("#")]
+    assert len(cmds) == 2, cmds
+    assert cmds[1] in (ROOT / ".ci" / "run").read_text()
