@@ -16,6 +16,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 EVCXR_VERSION="0.22.0"
+EVCXR_BIN="${CARGO_HOME:-$HOME/.cargo}/bin/evcxr_jupyter"
 # Python packages, pinned. torch 2.13.0 is what tch 0.26.0 binds.
 PY_PKGS=(torch==2.13.0 jupyterlab==4.6.6 nbclient==0.11.0 nbformat==5.11.1 pytest==9.2.0)
 
@@ -62,7 +63,7 @@ rust_kernel() {
     say "adding rustup component rust-src (evcxr needs it)"
     rustup component add rust-src
   fi
-  if cargo install --list | grep -q "^evcxr_jupyter v$EVCXR_VERSION:"; then
+  if [ -x "$EVCXR_BIN" ] && cargo install --list | grep -q "^evcxr_jupyter v$EVCXR_VERSION:"; then
     say "evcxr_jupyter $EVCXR_VERSION: installed"
   else
     say "building evcxr_jupyter $EVCXR_VERSION with --locked (first time: ~6 min on 2 cores)"
@@ -71,8 +72,8 @@ rust_kernel() {
   # Register the kernel inside .venv, with the environment libtorch needs. Rewritten every time
   # (cheap), because evcxr rewrites kernel.json without our env when its version changes.
   local kdir="$VENV/share/jupyter/kernels/rust"
-  JUPYTER_PATH="$VENV/share/jupyter" evcxr_jupyter --install >/dev/null
-  "$VENV/bin/python" - "$kdir/kernel.json" "$VENV" "$TORCH_LIB" "$ROOT/helpers/scripts/evcxr-kernel.sh" "$(command -v evcxr_jupyter)" <<'PY'
+  JUPYTER_PATH="$VENV/share/jupyter" "$EVCXR_BIN" --install >/dev/null
+  "$VENV/bin/python" - "$kdir/kernel.json" "$VENV" "$TORCH_LIB" "$ROOT/helpers/scripts/evcxr-kernel.sh" "$EVCXR_BIN" <<'PY'
 import json, sys
 path, venv, torch_lib, launcher, evcxr = sys.argv[1:]
 spec = json.load(open(path))
@@ -137,6 +138,8 @@ case "$cmd" in
   lab)
     setup
     say "starting JupyterLab; open experiments/base-olmoe/experiment.ipynb (kernel: Rust)"
+    # Pods often run as root; Jupyter refuses that without --allow-root.
+    [ "$(id -u)" = 0 ] && set -- --allow-root "$@"
     exec "$VENV/bin/jupyter" lab "$@" ;;
   env)
     export_env >/dev/null

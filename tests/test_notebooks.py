@@ -1,5 +1,6 @@
 """Notebooks executed headlessly in the real Rust (evcxr) kernel, through the same runner as
 `bash setup.sh run`. Every notebook under experiments/ gets a very short CPU run."""
+import importlib.util
 import json
 import os
 import struct
@@ -12,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "helpers" / "scripts" / "run_notebook.py"
 EXPERIMENTS = sorted(ROOT.glob("experiments/*/experiment.ipynb"))
-TORCH_LIB = Path(__import__("torch").__file__).parent / "lib"
+TORCH_LIB = Path(importlib.util.find_spec("torch").origin).parent / "lib"  # without importing torch
 
 
 def run_notebook(nb: Path, run_dir: Path, **env) -> subprocess.CompletedProcess:
