@@ -49,3 +49,15 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_second():
     cmds = [l for l in m.group(1).splitlines() if l.strip() and not l.startswith("#")]
     assert len(cmds) == 2, cmds
     assert cmds[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def dep_lines(nb: Path) -> list[str]:
+    first = next(c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+    return [l.strip() for l in "".join(first["source"]).splitlines() if l.startswith(":dep")]
+
+
+@pytest.mark.parametrize("nb", sorted(ROOT.glob("experiments/*/experiment.ipynb")), ids=lambda p: p.parent.name)
+def test_experiment_dependencies_match_the_prebuilt_ones(nb):
+    # setup.sh compiles tests/notebooks/deps.ipynb once; an experiment with other :dep lines would
+    # recompile tch inside the kernel (minutes) on its first run.
+    assert dep_lines(nb) == dep_lines(ROOT / "tests" / "notebooks" / "deps.ipynb")
