@@ -93,8 +93,14 @@ PY
 }
 
 build_helpers() {
-  say "building helpers (first time: tch's C++ glue, ~3 min)"
-  cargo build --quiet -p helpers
+  local t0=$SECONDS rebuilt
+  say "helpers: checking the build (first time: tch's C++ glue, ~3 min)"
+  local log="$ROOT/target/.setup-build.json"
+  mkdir -p "$ROOT/target"
+  cargo build -p helpers --message-format=json-render-diagnostics > "$log" \
+    || die "building helpers failed (see the errors above)"
+  rebuilt=$(grep -c '"fresh":false' "$log" || true)
+  if [ "$rebuilt" = 0 ]; then say "helpers: up to date"; else say "helpers: built $rebuilt crates ($((SECONDS - t0))s)"; fi
   # Warm the kernel's build directory with the notebooks' dependencies, so the first notebook run
   # does not spend minutes compiling tch inside the kernel.
   local warm="$ROOT/target/evcxr-kernels/0/target"
