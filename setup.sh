@@ -17,8 +17,9 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 EVCXR_VERSION="0.22.0"
 EVCXR_BIN="${CARGO_HOME:-$HOME/.cargo}/bin/evcxr_jupyter"
-# Python packages, pinned. torch 2.13.0 is what tch 0.26.0 binds.
-PY_PKGS=(torch==2.13.0 jupyterlab==4.6.6 nbclient==0.11.0 nbformat==5.11.1 pytest==9.2.0)
+# Python packages, pinned. torch 2.13.0 is what tch 0.26.0 binds; transformers is the reference
+# implementation the parity tests compare against.
+PY_PKGS=(torch==2.13.0 transformers==5.23.0 jupyterlab==4.6.6 nbclient==0.11.0 nbformat==5.11.1 pytest==9.2.0)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
@@ -35,7 +36,7 @@ python_env() {
   local stamp="$VENV/.setup-python" want
   want="$(printf '%s\n' "${PY_PKGS[@]}")"
   if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    say "python env .venv: up to date (torch 2.13.0, jupyterlab, nbclient, pytest)"
+    say "python env .venv: up to date (torch 2.13.0, transformers, jupyterlab, nbclient, pytest)"
     return
   fi
   [ -x "$VENV/bin/python" ] || { say "creating python env .venv"; python3 -m venv "$VENV"; }

@@ -7,6 +7,8 @@
 //!   validation by documents, cut batches of token windows.
 //! - [`run`]: run directories (config, metrics JSONL, weights), atomic writes, timestamps.
 //! - [`config`]: overrides of config fields from environment variables, for headless runs.
+//! - [`hf`]: Hugging Face OLMoE checkpoints: `config.json` into the notebook's config, safetensors
+//!   (single or sharded, per-expert or merged experts) into the notebook's VarStore.
 //!
 //! Every function that can fail on user input returns `anyhow::Result` with a message that says
 //! what to do: a panic in a notebook cell can cost the user every variable they had.
@@ -15,6 +17,7 @@
 //! `MOE_DEVICE` (auto|cpu|cuda|cuda:N), `MOE_THREADS`, `MOE_RUN_DIR`.
 pub mod config;
 pub mod data;
+pub mod hf;
 pub mod run;
 pub mod runtime;
 

@@ -1,0 +1,126 @@
+//! Hugging Face OLMoE checkpoints: read `config.json` into the notebook's `ModelConfig`, and load
+//! `model.safetensors` (or a sharded `model.safetensors.index.json`) into the notebook's VarStore.
+//!
+//! The notebook's parameter names are the hub checkpoint's (`model.layers.{l}.mlp.experts.{j}.gate_proj.weight`),
+//! so loading is a name-by-name copy. Checkpoints written with the merged expert layout of
+//! transformers 5.x (`mlp.experts.gate_up_proj [E, 2I, D]`, gate rows first, and
+//! `mlp.experts.down_proj [E, D, I]`) are split into per-expert tensors first. A tensor the model
+//! does not have, a parameter the checkpoint lacks, or a shape mismatch is an error naming it.
+use anyhow::{bail, ensure, Context, Result};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{nn::VarStore, Tensor};
+
+/// Reads `<dir>/config.json` (an OLMoE config) into the notebook's `ModelConfig`, whose fields use
+/// the Hugging Face names. Options plain OLMoE lacks (shared experts, dense layers) come out as 0.
+pub fn model_config<T: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<T> {
+    let path = dir.as_ref().join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let c: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let get = |k: &str| c.get(k).filter(|v| !v.is_null());
+    let model_type = get("model_type").and_then(Value::as_str).unwrap_or("?");
+    ensure!(model_type == "olmoe", "{}: model_type is {model_type:?}, expected \"olmoe\"", path.display());
+    let heads = get("num_attention_heads").cloned().unwrap_or(Value::Null);
+    if let Some(kv) = get("num_key_value_heads") {
+        ensure!(kv == &heads, "{}: num_key_value_heads {kv} != num_attention_heads {heads}: grouped-query attention is not supported", path.display());
+    }
+    ensure!(get("clip_qkv").is_none(), "{}: clip_qkv is set; this model has no QKV clipping", path.display());
+    ensure!(!get("attention_bias").and_then(Value::as_bool).unwrap_or(false), "{}: attention_bias is true; this model has no attention biases", path.display());
+    ensure!(!get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false), "{}: tie_word_embeddings is true; OLMoE's LM head is untied", path.display());
+    // transformers 5.x nests rope_theta in rope_parameters; the hub's config has it at the top.
+    let rope_theta = get("rope_theta")
+        .or_else(|| c.get("rope_parameters").and_then(|r| r.get("rope_theta")))
+        .cloned()
+        .unwrap_or(json!(10000.0));
+    let need = |k: &str| get(k).cloned().with_context(|| format!("{}: missing {k}", path.display()));
+    let v = json!({
+        "vocab_size": need("vocab_size")?,
+        "hidden_size": need("hidden_size")?,
+        "num_hidden_layers": need("num_hidden_layers")?,
+        "num_attention_heads": heads,
+        "num_experts": need("num_experts")?,
+        "num_experts_per_tok": need("num_experts_per_tok")?,
+        "intermediate_size": need("intermediate_size")?,
+        "n_shared_experts": get("n_shared_experts").cloned().unwrap_or(json!(0)),
+        "n_dense_layers": get("n_dense_layers").cloned().unwrap_or(json!(0)),
+        "dense_intermediate_size": get("dense_intermediate_size").cloned().unwrap_or(json!(0)),
+        "norm_topk_prob": get("norm_topk_prob").cloned().unwrap_or(json!(false)),
+        "rms_norm_eps": get("rms_norm_eps").cloned().unwrap_or(json!(1e-5)),
+        "rope_theta": rope_theta,
+        "max_position_embeddings": get("max_position_embeddings").cloned().unwrap_or(json!(4096)),
+        "initializer_range": get("initializer_range").cloned().unwrap_or(json!(0.02)),
+    });
+    serde_json::from_value(v).with_context(|| format!("{}: does not fit the notebook's ModelConfig", path.display()))
+}
+
+/// The safetensors files of a checkpoint directory: `model.safetensors`, or the shards listed by
+/// `model.safetensors.index.json`.
+pub fn weight_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+    let dir = dir.as_ref();
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    ensure!(index.is_file(), "{} has neither model.safetensors nor model.safetensors.index.json", dir.display());
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&index)?).with_context(|| format!("{} is not JSON", index.display()))?;
+    let map = v.get("weight_map").and_then(Value::as_object).with_context(|| format!("{} has no weight_map", index.display()))?;
+    let mut files: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Reads every tensor of the checkpoint, splitting merged expert tensors into per-expert ones.
+pub fn read_tensors(dir: impl AsRef<Path>) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for file in weight_files(&dir)? {
+        let tensors = Tensor::read_safetensors(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        for (name, t) in tensors {
+            if let Some(prefix) = name.strip_suffix(".experts.gate_up_proj") {
+                let (e, two_i) = (t.size()[0], t.size()[1]);
+                for j in 0..e {
+                    let w = t.get(j); // (2I, D), gate rows first
+                    out.insert(format!("{prefix}.experts.{j}.gate_proj.weight"), w.narrow(0, 0, two_i / 2).contiguous());
+                    out.insert(format!("{prefix}.experts.{j}.up_proj.weight"), w.narrow(0, two_i / 2, two_i / 2).contiguous());
+                }
+            } else if let Some(prefix) = name.strip_suffix(".experts.down_proj") {
+                for j in 0..t.size()[0] {
+                    out.insert(format!("{prefix}.experts.{j}.down_proj.weight"), t.get(j).contiguous()); // (D, I)
+                }
+            } else {
+                out.insert(name, t);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Copies the checkpoint in `dir` into the variables of `vs` (converting dtypes to the variables').
+/// Every variable must be covered and every checkpoint tensor used, with equal shapes.
+pub fn load_weights(dir: impl AsRef<Path>, vs: &VarStore) -> Result<usize> {
+    let dir = dir.as_ref();
+    let mut ckpt = read_tensors(dir)?;
+    let vars = vs.variables();
+    let mut missing: Vec<&String> = vars.keys().filter(|k| !ckpt.contains_key(*k)).collect();
+    missing.sort();
+    if !missing.is_empty() {
+        bail!("{}: the checkpoint lacks {} parameter(s) of the model, e.g. {:?}", dir.display(), missing.len(), &missing[..missing.len().min(5)]);
+    }
+    let mut unknown: Vec<&String> = ckpt.keys().filter(|k| !vars.contains_key(*k)).collect();
+    unknown.sort();
+    if !unknown.is_empty() {
+        bail!("{}: the checkpoint has {} tensor(s) the model does not, e.g. {:?}", dir.display(), unknown.len(), &unknown[..unknown.len().min(5)]);
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (name, var) in &vars {
+            let src = ckpt.remove(name).unwrap();
+            ensure!(src.size() == var.size(), "{name}: checkpoint shape {:?} != model shape {:?}", src.size(), var.size());
+            var.shallow_clone().copy_(&src.to_kind(var.kind()).to_device(var.device()));
+        }
+        Ok(())
+    })?;
+    Ok(vars.len())
+}

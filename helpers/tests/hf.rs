@@ -1,0 +1,121 @@
+//! Importing Hugging Face OLMoE checkpoints: name mapping, merged experts, clear errors.
+use helpers::hf;
+use serde::Deserialize;
+use tch::{nn, Device, Kind, Tensor};
+
+fn write(dir: &std::path::Path, tensors: &[(&str, &Tensor)]) {
+    Tensor::write_safetensors(tensors, dir.join("model.safetensors")).unwrap();
+}
+
+/// A tiny stand-in for a notebook model: two experts of width 3 over D = 4.
+fn var_store() -> nn::VarStore {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let _ = (&root / "model" / "norm").var("weight", &[4], nn::Init::Const(0.0));
+    for j in 0..2 {
+        let e = &root / "model" / "layers" / 0 / "mlp" / "experts" / j;
+        let _ = (&e / "gate_proj").var("weight", &[3, 4], nn::Init::Const(0.0));
+        let _ = (&e / "up_proj").var("weight", &[3, 4], nn::Init::Const(0.0));
+        let _ = (&e / "down_proj").var("weight", &[4, 3], nn::Init::Const(0.0));
+    }
+    vs
+}
+
+#[test]
+fn merged_expert_layout_is_split_gate_rows_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate_up = Tensor::arange(2 * 6 * 4, (Kind::Float, Device::Cpu)).view([2, 6, 4]); // (E, 2I, D)
+    let down = Tensor::arange(2 * 4 * 3, (Kind::Float, Device::Cpu)).view([2, 4, 3]); // (E, D, I)
+    let norm = Tensor::ones([4], (Kind::Float, Device::Cpu));
+    write(dir.path(), &[
+        ("model.norm.weight", &norm),
+        ("model.layers.0.mlp.experts.gate_up_proj", &gate_up),
+        ("model.layers.0.mlp.experts.down_proj", &down),
+    ]);
+    let vs = var_store();
+    assert_eq!(hf::load_weights(dir.path(), &vs).unwrap(), 7);
+    let v = vs.variables();
+    assert!(v["model.layers.0.mlp.experts.1.gate_proj.weight"].equal(&gate_up.get(1).narrow(0, 0, 3)));
+    assert!(v["model.layers.0.mlp.experts.1.up_proj.weight"].equal(&gate_up.get(1).narrow(0, 3, 3)));
+    assert!(v["model.layers.0.mlp.experts.0.down_proj.weight"].equal(&down.get(0)));
+    assert!(v["model.norm.weight"].equal(&norm));
+}
+
+#[test]
+fn missing_unknown_and_misshaped_tensors_are_named() {
+    let vs = var_store();
+    let t = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let experts: Vec<(String, Tensor)> = (0..2)
+        .flat_map(|j| {
+            let p = format!("model.layers.0.mlp.experts.{j}");
+            [(format!("{p}.gate_proj.weight"), t(&[3, 4])), (format!("{p}.up_proj.weight"), t(&[3, 4])), (format!("{p}.down_proj.weight"), t(&[4, 3]))]
+        })
+        .collect();
+    let refs = |extra: Vec<(&'static str, Tensor)>| -> Vec<(String, Tensor)> {
+        experts.iter().map(|(n, x)| (n.clone(), x.shallow_clone())).chain(extra.into_iter().map(|(n, x)| (n.to_string(), x))).collect()
+    };
+    let save = |dir: &std::path::Path, ts: Vec<(String, Tensor)>| Tensor::write_safetensors(&ts, dir.join("model.safetensors")).unwrap();
+
+    let d = tempfile::tempdir().unwrap();
+    save(d.path(), refs(vec![]));
+    let e = hf::load_weights(d.path(), &vs).unwrap_err().to_string();
+    assert!(e.contains("lacks 1 parameter") && e.contains("model.norm.weight"), "{e}");
+
+    let d = tempfile::tempdir().unwrap();
+    save(d.path(), refs(vec![("model.norm.weight", t(&[4])), ("model.layers.0.mlp.shared_expert.weight", t(&[2]))]));
+    let e = hf::load_weights(d.path(), &vs).unwrap_err().to_string();
+    assert!(e.contains("the model does not") && e.contains("model.layers.0.mlp.shared_expert.weight"), "{e}");
+
+    let d = tempfile::tempdir().unwrap();
+    save(d.path(), refs(vec![("model.norm.weight", t(&[5]))]));
+    let e = hf::load_weights(d.path(), &vs).unwrap_err().to_string();
+    assert!(e.contains("model.norm.weight: checkpoint shape [5] != model shape [4]"), "{e}");
+
+    let e = hf::load_weights(tempfile::tempdir().unwrap().path(), &vs).unwrap_err().to_string();
+    assert!(e.contains("neither model.safetensors nor model.safetensors.index.json"), "{e}");
+}
+
+#[derive(Deserialize, Debug)]
+#[allow(dead_code)]
+struct Cfg {
+    vocab_size: i64,
+    hidden_size: i64,
+    num_hidden_layers: i64,
+    num_attention_heads: i64,
+    num_experts: i64,
+    num_experts_per_tok: i64,
+    intermediate_size: i64,
+    n_shared_experts: i64,
+    n_dense_layers: i64,
+    dense_intermediate_size: i64,
+    norm_topk_prob: bool,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+    max_position_embeddings: i64,
+    initializer_range: f64,
+}
+
+#[test]
+fn config_json_maps_to_the_notebook_config() {
+    let d = tempfile::tempdir().unwrap();
+    let base = serde_json::json!({
+        "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "num_hidden_layers": 16,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
+        "intermediate_size": 1024, "norm_topk_prob": false, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "max_position_embeddings": 4096,
+        "clip_qkv": null, "tie_word_embeddings": false
+    });
+    std::fs::write(d.path().join("config.json"), base.to_string()).unwrap();
+    let c: Cfg = hf::model_config(d.path()).unwrap();
+    assert_eq!((c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.n_shared_experts), (64, 8, 1024, 0));
+    assert_eq!(c.rope_theta, 10000.0);
+
+    let mut gqa = base.clone();
+    gqa["num_key_value_heads"] = 4.into();
+    std::fs::write(d.path().join("config.json"), gqa.to_string()).unwrap();
+    assert!(hf::model_config::<Cfg>(d.path()).unwrap_err().to_string().contains("grouped-query attention"));
+    let mut other = base.clone();
+    other["model_type"] = "llama".into();
+    std::fs::write(d.path().join("config.json"), other.to_string()).unwrap();
+    assert!(hf::model_config::<Cfg>(d.path()).unwrap_err().to_string().contains("expected \"olmoe\""));
+}

@@ -1,0 +1,158 @@
+"""Parity of the base-olmoe notebook's model with Hugging Face transformers' OlmoeForCausalLM, on CPU
+in float32 (issue: exact OLMoE).
+
+transformers builds small random OLMoE models and saves them; a notebook made of the experiment's own
+dependency, config and model cells plus one parity cell imports each checkpoint with
+`helpers::hf::load_weights`, runs a forward and backward pass and writes its results; this test
+compares them with transformers' on the same inputs. Inputs avoid the padding id 1 (transformers
+freezes that embedding row; the notebook, like OLMoE's own training, does not).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import OlmoeConfig, OlmoeForCausalLM
+from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
+AUX_COEF = 0.01
+CASES = {
+    # id: (experts E, top-k K, norm_topk_prob, layers L)
+    "E5-K2-L2": (5, 2, False, 2),
+    "E3-K1-L3-norm": (3, 1, True, 3),
+    "E6-K3-L2-norm": (6, 3, True, 2),
+}
+
+PARITY_CELL = r'''
+// Parity: import each transformers checkpoint, forward + backward, write the results.
+for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
+    let dir = std::path::PathBuf::from(dir);
+    let pcfg: ModelConfig = helpers::hf::model_config(&dir)?;
+    let pvs = nn::VarStore::new(Device::Cpu);
+    let pmodel = OlmoeForCausalLM::new(&pvs, &pcfg);
+    helpers::hf::load_weights(&dir, &pvs)?;
+    let io: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("inputs.safetensors"))?.into_iter().collect();
+    let (x, y) = (&io["input_ids"], &io["labels"]);
+    let (logits, routers) = pmodel.forward(x);
+    let ce = cross_entropy(&logits, y);
+    let lb = load_balancing_loss(&routers, pcfg.num_experts, pcfg.num_experts_per_tok, LoadBalancingNorm::Transformers);
+    (&ce + &lb * AUX_COEF).backward();
+    let mut out: Vec<(String, Tensor)> = vec![("logits".into(), logits.detach()), ("ce".into(), ce.detach()), ("lb".into(), lb.detach())];
+    for (l, r) in routers.iter().enumerate() {
+        out.push((format!("router_logits.{l}"), r.logits.detach()));
+        out.push((format!("expert_idx.{l}"), r.expert_idx.shallow_clone()));
+    }
+    for (name, var) in pvs.variables() {
+        let g = var.grad();
+        out.push((format!("grad.{name}"), if g.defined() { g } else { var.zeros_like() })); // an expert no token chose
+    }
+    Tensor::write_safetensors(&out, dir.join("ours.safetensors"))?;
+    println!("parity: wrote {}", dir.join("ours.safetensors").display());
+}
+'''
+
+
+def code_cell_after(cells, heading: str) -> str:
+    for i, c in enumerate(cells):
+        if c.cell_type == "markdown" and c.source.lstrip().startswith(heading):
+            return next(d.source for d in cells[i + 1:] if d.cell_type == "code")
+    raise AssertionError(f"{EXPERIMENT.name} has no code cell after a '{heading}' heading")
+
+
+def reference(case_dir: Path, experts: int, top_k: int, norm: bool, layers: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    cfg = OlmoeConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=experts,
+                      num_experts_per_tok=top_k, norm_topk_prob=norm, max_position_embeddings=64,
+                      pad_token_id=1, eos_token_id=127, router_aux_loss_coef=AUX_COEF)
+    model = OlmoeForCausalLM(cfg).float()
+    model.save_pretrained(case_dir)
+    x = torch.randint(2, 128, (2, 16))  # no padding id (1)
+    y = torch.randint(2, 128, (2, 16))
+    save_file({"input_ids": x, "labels": y}, case_dir / "inputs.safetensors")
+    out = model(input_ids=x, output_router_logits=True)
+    ce = F.cross_entropy(out.logits.reshape(-1, 128), y.reshape(-1))
+    lb = load_balancing_loss_func(out.router_logits, experts, top_k)
+    (ce + AUX_COEF * lb).backward()
+    ref = {"logits": out.logits.detach(), "ce": ce.detach(), "lb": lb.detach()}
+    for l, rl in enumerate(out.router_logits):
+        ref[f"router_logits.{l}"] = rl.detach()
+        ref[f"expert_idx.{l}"] = torch.topk(rl.float().softmax(-1), top_k, dim=-1).indices
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, D), gate rows first
+            prefix, i = name[: -len(".gate_up_proj")], p.shape[1] // 2
+            for j in range(p.shape[0]):
+                ref[f"grad.{prefix}.{j}.gate_proj.weight"] = p.grad[j, :i]
+                ref[f"grad.{prefix}.{j}.up_proj.weight"] = p.grad[j, i:]
+        elif name.endswith("mlp.experts.down_proj"):  # (E, D, I)
+            prefix = name[: -len(".down_proj")]
+            for j in range(p.shape[0]):
+                ref[f"grad.{prefix}.{j}.down_proj.weight"] = p.grad[j]
+        else:
+            ref[f"grad.{name}"] = p.grad
+    return ref
+
+
+@pytest.fixture(scope="module")
+def parity_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("parity")
+    refs, dirs = {}, []
+    for seed, (case, spec) in enumerate(CASES.items()):
+        d = base / case
+        d.mkdir()
+        refs[case] = reference(d, *spec, seed=seed)
+        dirs.append(str(d))
+    src = nbformat.read(EXPERIMENT, as_version=4)
+    first_code = next(c.source for c in src.cells if c.cell_type == "code")
+    nb = nbformat.v4.new_notebook(metadata=src.metadata)
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in (
+        first_code, code_cell_after(src.cells, "## Configuration"), code_cell_after(src.cells, "## Model"),
+        f"const AUX_COEF: f64 = {AUX_COEF};\n" + PARITY_CELL)]
+    nb_path = EXPERIMENT.parent / ".parity-test.ipynb"  # the experiment's folder: same relative :dep paths
+    nbformat.write(nb, nb_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
+    env.update({"MOE_PARITY_DIRS": ":".join(dirs), "MOE_RUN_DIR": str(base / "run"), "MOE_DEVICE": "cpu"})
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "helpers" / "scripts" / "run_notebook.py"), str(nb_path)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    finally:
+        nb_path.unlink()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {case: (refs[case], load_file(str(base / case / "ours.safetensors"))) for case in CASES}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_matches_transformers(parity_runs, case):
+    ref, ours = parity_runs[case]
+    diff = (ours["logits"] - ref["logits"]).abs().max().item()
+    print(f"{case}: logits max abs diff {diff:.2e}, relative {rel(ours['logits'], ref['logits']):.2e}")
+    assert diff <= 1e-4
+    layers = CASES[case][3]
+    for l in range(layers):
+        assert torch.equal(ours[f"expert_idx.{l}"], ref[f"expert_idx.{l}"]), f"layer {l}: different experts chosen"
+        assert (ours[f"router_logits.{l}"] - ref[f"router_logits.{l}"]).abs().max().item() <= 1e-5
+    for k in ("ce", "lb"):
+        print(f"{case}: {k} ours {ours[k].item():.7f} transformers {ref[k].item():.7f}")
+        assert abs(ours[k].item() - ref[k].item()) <= 1e-5 * abs(ref[k].item())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradients_match_transformers(parity_runs, case):
+    ref, ours = parity_runs[case]
+    names = sorted(k for k in ref if k.startswith("grad."))
+    assert names == sorted(k for k in ours if k.startswith("grad.")), "parameter sets differ"
+    worst = max(names, key=lambda k: rel(ours[k], ref[k]))
+    print(f"{case}: worst gradient {worst} relative error {rel(ours[worst], ref[worst]):.2e} over {len(names)} tensors")
+    assert rel(ours[worst], ref[worst]) <= 1e-4
