@@ -58,6 +58,11 @@ def test_experiment_trains_briefly_on_cpu(nb, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["val_loss_final"] < summary["val_loss_step0"]
     assert (run_dir / "executed.ipynb").exists()
+    # Every run writes a Hugging Face directory that transformers loads as it is.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    assert hf.config.num_experts == cfg["model"]["num_experts"] and hf.config.eos_token_id == 50279
+    assert AutoTokenizer.from_pretrained(run_dir / "hf")("Hello world")["input_ids"] == [12092, 1533]
 
 
 @pytest.mark.parametrize("env, message", [

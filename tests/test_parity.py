@@ -54,6 +54,21 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
         let g = var.grad();
         out.push((format!("grad.{name}"), if g.defined() { g } else { var.zeros_like() })); // an expert no token chose
     }
+    // Five AdamW steps on the same batch, then export the trained model for transformers.
+    let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.95, wd: 0.1, eps: 1e-8, amsgrad: false }.build(&pvs, 1e-3)?;
+    let mut losses = Vec::new();
+    for _ in 0..5 {
+        opt.zero_grad();
+        let (logits, routers) = pmodel.forward(x);
+        let loss = cross_entropy(&logits, y) + load_balancing_loss(&routers, pcfg.num_experts, pcfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * AUX_COEF;
+        loss.backward();
+        opt.step();
+        losses.push(loss.double_value(&[]));
+    }
+    out.push(("adamw_losses".into(), Tensor::from_slice(&losses)));
+    out.push(("trained_logits".into(), tch::no_grad(|| pmodel.forward(x).0)));
+    let root = helpers::project_root()?;
+    helpers::hf::export(dir.join("exported"), &pvs, &pcfg, root.join(helpers::data::DEFAULT_TOKENIZER), AUX_COEF)?;
     Tensor::write_safetensors(&out, dir.join("ours.safetensors"))?;
     println!("parity: wrote {}", dir.join("ours.safetensors").display());
 }
@@ -83,21 +98,33 @@ def reference(case_dir: Path, experts: int, top_k: int, norm: bool, layers: int,
     lb = load_balancing_loss_func(out.router_logits, experts, top_k)
     (ce + AUX_COEF * lb).backward()
     ref = {"logits": out.logits.detach(), "ce": ce.detach(), "lb": lb.detach()}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     for l, rl in enumerate(out.router_logits):
         ref[f"router_logits.{l}"] = rl.detach()
         ref[f"expert_idx.{l}"] = torch.topk(rl.float().softmax(-1), top_k, dim=-1).indices
-    for name, p in model.named_parameters():
+    for name, g in grads.items():
         if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, D), gate rows first
-            prefix, i = name[: -len(".gate_up_proj")], p.shape[1] // 2
-            for j in range(p.shape[0]):
-                ref[f"grad.{prefix}.{j}.gate_proj.weight"] = p.grad[j, :i]
-                ref[f"grad.{prefix}.{j}.up_proj.weight"] = p.grad[j, i:]
+            prefix, i = name[: -len(".gate_up_proj")], g.shape[1] // 2
+            for j in range(g.shape[0]):
+                ref[f"grad.{prefix}.{j}.gate_proj.weight"] = g[j, :i]
+                ref[f"grad.{prefix}.{j}.up_proj.weight"] = g[j, i:]
         elif name.endswith("mlp.experts.down_proj"):  # (E, D, I)
             prefix = name[: -len(".down_proj")]
-            for j in range(p.shape[0]):
-                ref[f"grad.{prefix}.{j}.down_proj.weight"] = p.grad[j]
+            for j in range(g.shape[0]):
+                ref[f"grad.{prefix}.{j}.down_proj.weight"] = g[j]
         else:
-            ref[f"grad.{name}"] = p.grad
+            ref[f"grad.{name}"] = g
+    # Five AdamW steps with the notebook's hyper-parameters, on the same batch.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        out = model(input_ids=x, output_router_logits=True)
+        loss = F.cross_entropy(out.logits.reshape(-1, 128), y.reshape(-1)) + AUX_COEF * load_balancing_loss_func(out.router_logits, experts, top_k)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    ref["adamw_losses"] = torch.tensor(losses, dtype=torch.float64)
     return ref
 
 
@@ -126,7 +153,15 @@ def parity_runs(tmp_path_factory):
     finally:
         nb_path.unlink()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {case: (refs[case], load_file(str(base / case / "ours.safetensors"))) for case in CASES}
+    return Runs({case: (refs[case], load_file(str(base / case / "ours.safetensors"))) for case in CASES}, base)
+
+
+class Runs(dict):
+    """case -> (transformers' results, the notebook's results); `base` is the directory of the cases."""
+
+    def __init__(self, results, base):
+        super().__init__(results)
+        self.base = base
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -156,3 +191,32 @@ def test_gradients_match_transformers(parity_runs, case):
     worst = max(names, key=lambda k: rel(ours[k], ref[k]))
     print(f"{case}: worst gradient {worst} relative error {rel(ours[worst], ref[worst]):.2e} over {len(names)} tensors")
     assert rel(ours[worst], ref[worst]) <= 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_five_adamw_steps_match_transformers(parity_runs, case):
+    ref, ours = parity_runs[case]
+    worst = ((ours["adamw_losses"] - ref["adamw_losses"]).abs() / ref["adamw_losses"].abs()).max().item()
+    print(f"{case}: losses over 5 AdamW steps ours {ours['adamw_losses'].tolist()} "
+          f"transformers {ref['adamw_losses'].tolist()}; worst relative difference {worst:.2e}")
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_round_trip_through_transformers(parity_runs, case, tmp_path):
+    """The model trained 5 steps by the notebook's code, exported, loads in transformers with no
+    extra code and gives the notebook's logits; the tokenizer loads with AutoTokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ref, ours = parity_runs[case]
+    exported = parity_runs.base / case / "exported"
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    assert type(model).__name__ == "OlmoeForCausalLM"
+    x = load_file(str(parity_runs.base / case / "inputs.safetensors"))["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+    diff = (logits - ours["trained_logits"]).abs().max().item()
+    print(f"{case}: exported model, transformers vs notebook logits max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+    tok = AutoTokenizer.from_pretrained(exported)
+    assert tok("Hello world")["input_ids"] == [12092, 1533]
+    assert tok.eos_token_id == 50279

@@ -124,3 +124,78 @@ pub fn load_weights(dir: impl AsRef<Path>, vs: &VarStore) -> Result<usize> {
     })?;
     Ok(vars.len())
 }
+
+/// Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` and
+/// `AutoTokenizer.from_pretrained` load with no extra code: `config.json` (`model_type: olmoe`),
+/// `model.safetensors` (per-expert names, the hub layout), `generation_config.json`, and the
+/// tokenizer (`tokenizer.json` + `tokenizer_config.json`).
+///
+/// `model_config` is the notebook's `ModelConfig` (serialised); `aux_loss_coef` is recorded as
+/// `router_aux_loss_coef`. Models plain OLMoE cannot express are refused, never exported wrong:
+/// shared experts, dense layers, or any tensor whose name transformers would not load.
+pub fn export(dir: impl AsRef<Path>, vs: &VarStore, model_config: &impl serde::Serialize, tokenizer_json: impl AsRef<Path>, aux_loss_coef: f64) -> Result<PathBuf> {
+    let dir = dir.as_ref();
+    let m = serde_json::to_value(model_config)?;
+    let num = |k: &str| m.get(k).and_then(Value::as_i64).unwrap_or(0);
+    ensure!(num("n_shared_experts") == 0, "Hugging Face export refused: OLMoE has no shared experts (this model has {}); transformers would load it without them", num("n_shared_experts"));
+    ensure!(num("n_dense_layers") == 0, "Hugging Face export refused: OLMoE has no dense layers (this model has {}); transformers would expect an MoE in every block", num("n_dense_layers"));
+    let vars = vs.variables();
+    if let Some(odd) = vars.keys().find(|k| !is_olmoe_name(k)) {
+        bail!("Hugging Face export refused: parameter {odd} has no place in an OLMoE checkpoint");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tok = crate::data::Tokenizer::from_file(tokenizer_json.as_ref())?;
+    let config = json!({
+        "architectures": ["OlmoeForCausalLM"],
+        "model_type": "olmoe",
+        "vocab_size": m["vocab_size"], "hidden_size": m["hidden_size"], "intermediate_size": m["intermediate_size"],
+        "num_hidden_layers": m["num_hidden_layers"], "num_attention_heads": m["num_attention_heads"],
+        "num_key_value_heads": m["num_attention_heads"], "num_experts": m["num_experts"],
+        "num_experts_per_tok": m["num_experts_per_tok"], "norm_topk_prob": m["norm_topk_prob"],
+        "rms_norm_eps": m["rms_norm_eps"], "rope_theta": m["rope_theta"],
+        "max_position_embeddings": m["max_position_embeddings"], "initializer_range": m["initializer_range"],
+        "hidden_act": "silu", "attention_bias": false, "attention_dropout": 0.0, "clip_qkv": null,
+        "tie_word_embeddings": false, "output_router_logits": false, "router_aux_loss_coef": aux_loss_coef,
+        "pad_token_id": tok.inner.token_to_id("<|padding|>").unwrap_or(1), "eos_token_id": tok.eos_id, "bos_token_id": null,
+        "torch_dtype": "float32", "use_cache": true,
+    });
+    crate::run::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    let generation = json!({ "eos_token_id": tok.eos_id, "pad_token_id": config["pad_token_id"], "bos_token_id": null });
+    crate::run::write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&generation)?.as_bytes())?;
+    let mut named: Vec<(String, Tensor)> = vars.into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let tmp = dir.join(".model.safetensors.tmp");
+    Tensor::write_safetensors(&named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+    std::fs::copy(tokenizer_json.as_ref(), dir.join("tokenizer.json"))
+        .with_context(|| format!("cannot copy {}", tokenizer_json.as_ref().display()))?;
+    let tok_config = json!({
+        "tokenizer_class": "GPTNeoXTokenizer", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>",
+        "bos_token": null, "unk_token": null, "add_bos_token": false, "add_eos_token": false,
+        "model_max_length": m["max_position_embeddings"], "clean_up_tokenization_spaces": false,
+    });
+    crate::run::write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tok_config)?.as_bytes())?;
+    Ok(dir.to_path_buf())
+}
+
+fn is_olmoe_name(name: &str) -> bool {
+    const TOP: [&str; 3] = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"];
+    const LAYER: [&str; 9] = [
+        "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate.weight",
+    ];
+    if TOP.contains(&name) {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("model.layers.") else { return false };
+    let Some((l, rest)) = rest.split_once('.') else { return false };
+    if l.parse::<u32>().is_err() {
+        return false;
+    }
+    if LAYER.contains(&rest) {
+        return true;
+    }
+    let Some(rest) = rest.strip_prefix("mlp.experts.") else { return false };
+    let Some((j, rest)) = rest.split_once('.') else { return false };
+    j.parse::<u32>().is_ok() && ["gate_proj.weight", "up_proj.weight", "down_proj.weight"].contains(&rest)
+}

@@ -119,3 +119,22 @@ fn config_json_maps_to_the_notebook_config() {
     std::fs::write(d.path().join("config.json"), other.to_string()).unwrap();
     assert!(hf::model_config::<Cfg>(d.path()).unwrap_err().to_string().contains("expected \"olmoe\""));
 }
+
+#[test]
+fn export_refuses_what_olmoe_cannot_express() {
+    let vs = var_store();
+    let tok = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/default/tokenizer.json");
+    let d = tempfile::tempdir().unwrap();
+    let cfg = |shared: i64, dense: i64| serde_json::json!({"vocab_size": 8, "hidden_size": 4, "num_hidden_layers": 1,
+        "num_attention_heads": 1, "num_experts": 2, "num_experts_per_tok": 1, "intermediate_size": 3,
+        "n_shared_experts": shared, "n_dense_layers": dense, "norm_topk_prob": false, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 16, "initializer_range": 0.02});
+    let e = hf::export(d.path().join("a"), &vs, &cfg(1, 0), &tok, 0.01).unwrap_err().to_string();
+    assert!(e.contains("no shared experts"), "{e}");
+    let e = hf::export(d.path().join("b"), &vs, &cfg(0, 1), &tok, 0.01).unwrap_err().to_string();
+    assert!(e.contains("no dense layers"), "{e}");
+    let _ = vs.root().var("lflb_bias", &[2], nn::Init::Const(0.0));
+    let e = hf::export(d.path().join("c"), &vs, &cfg(0, 0), &tok, 0.01).unwrap_err().to_string();
+    assert!(e.contains("lflb_bias has no place"), "{e}");
+    assert!(!d.path().join("c").exists(), "nothing is written when export is refused");
+}
