@@ -54,6 +54,45 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
         let g = var.grad();
         out.push((format!("grad.{name}"), if g.defined() { g } else { var.zeros_like() })); // an expert no token chose
     }
+    // The readable per-expert loop must agree with the sorted path (the default, used above).
+    let lcfg = ModelConfig { moe_impl: MoeImpl::Loop, ..pcfg.clone() };
+    let lvs = nn::VarStore::new(Device::Cpu);
+    let lmodel = OlmoeForCausalLM::new(&lvs, &lcfg);
+    helpers::hf::load_weights(&dir, &lvs)?;
+    let (llogits, lrouters) = lmodel.forward(x);
+    (cross_entropy(&llogits, y) + load_balancing_loss(&lrouters, lcfg.num_experts, lcfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * AUX_COEF).backward();
+    out.push(("loop.logits".into(), llogits.detach()));
+    for (name, var) in lvs.variables() {
+        let g = var.grad();
+        out.push((format!("loop.grad.{name}"), if g.defined() { g } else { var.zeros_like() }));
+    }
+    // LFLB: the bias chooses, the unbiased softmax weighs. A bias equal for all experts changes
+    // nothing; a large bias on expert 0 puts it in every token's top-K.
+    let bcfg = ModelConfig { lflb: true, ..pcfg.clone() };
+    let bvs = nn::VarStore::new(Device::Cpu);
+    let bmodel = OlmoeForCausalLM::new(&bvs, &bcfg);
+    helpers::hf::load_weights(&dir, &bvs)?;
+    let biases: Vec<Tensor> = bmodel.moe_blocks().iter().map(|m| m.lflb_bias.as_ref().unwrap().shallow_clone()).collect();
+    tch::no_grad(|| for b in &biases { let _ = b.shallow_clone().fill_(3.0); });
+    out.push(("lflb.uniform_logits".into(), tch::no_grad(|| bmodel.forward(x).0)));
+    tch::no_grad(|| for b in &biases { let _ = b.shallow_clone().zero_(); let _ = b.get(0).fill_(10.0); });
+    let (blogits, brouters) = tch::no_grad(|| bmodel.forward(x));
+    out.push(("lflb.expert0_logits".into(), blogits));
+    for (l, r) in brouters.iter().enumerate() {
+        out.push((format!("lflb.expert_idx.{l}"), r.expert_idx.shallow_clone()));
+    }
+    // The update rule on known counts: b += u * sign(mean(c) - c), then centring and clamping.
+    let counts = Tensor::from_slice(&[6f32, 1.0, 1.0, 0.0]);
+    let upd = ModelConfig { lflb: true, num_experts: 4, num_experts_per_tok: 2, ..pcfg.clone() };
+    let uvs = nn::VarStore::new(Device::Cpu);
+    let umodel = OlmoeForCausalLM::new(&uvs, &upd);
+    let block = umodel.moe_blocks()[0];
+    block.update_lflb_bias(&counts, 0.5, 0.0, false);
+    out.push(("lflb.update_plain".into(), block.lflb_bias.as_ref().unwrap().copy()));
+    block.update_lflb_bias(&counts, 0.5, 0.0, true);
+    out.push(("lflb.update_centered".into(), block.lflb_bias.as_ref().unwrap().copy()));
+    for _ in 0..4 { block.update_lflb_bias(&counts, 0.5, 1.2, false); }
+    out.push(("lflb.update_clamped".into(), block.lflb_bias.as_ref().unwrap().copy()));
     // Five AdamW steps on the same batch, then export the trained model for transformers.
     let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.95, wd: 0.1, eps: 1e-8, amsgrad: false }.build(&pvs, 1e-3)?;
     let mut losses = Vec::new();
@@ -220,3 +259,34 @@ def test_export_round_trip_through_transformers(parity_runs, case, tmp_path):
     tok = AutoTokenizer.from_pretrained(exported)
     assert tok("Hello world")["input_ids"] == [12092, 1533]
     assert tok.eos_token_id == 50279
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sorted_expert_path_equals_the_reference_loop(parity_runs, case):
+    _, ours = parity_runs[case]
+    diff = (ours["logits"] - ours["loop.logits"]).abs().max().item()
+    grads = [k for k in ours if k.startswith("grad.")]
+    worst = max(rel(ours[k], ours["loop." + k]) for k in grads)
+    print(f"{case}: sorted vs loop logits max abs diff {diff:.2e}, worst gradient relative difference {worst:.2e}")
+    assert diff <= 1e-6 and worst <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lflb_bias_chooses_but_does_not_weigh(parity_runs, case):
+    _, ours = parity_runs[case]
+    # Same bias on every expert: same choices, and the weights ignore the bias, so same logits.
+    assert (ours["lflb.uniform_logits"] - ours["logits"]).abs().max().item() <= 1e-6
+    # A large bias on expert 0: every token sends one of its K slots there.
+    for l in range(CASES[case][3]):
+        assert (ours[f"lflb.expert_idx.{l}"] == 0).any(dim=-1).all()
+    assert not torch.allclose(ours["lflb.expert0_logits"], ours["logits"])
+
+
+def test_lflb_update_rule(parity_runs):
+    _, ours = next(iter(parity_runs.values()))
+    # counts (6, 1, 1, 0), mean 2: sign(mean - c) = (-1, +1, +1, +1), rate 0.5.
+    assert ours["lflb.update_plain"].tolist() == [-0.5, 0.5, 0.5, 0.5]
+    # Centred update: delta - mean(delta) = (-0.75, 0.25, 0.25, 0.25), added to the above.
+    assert ours["lflb.update_centered"].tolist() == [-1.25, 0.75, 0.75, 0.75]
+    # Four more plain updates, clamped at 1.2 each time.
+    assert ours["lflb.update_clamped"].tolist() == pytest.approx([-1.2, 1.2, 1.2, 1.2])

@@ -104,7 +104,9 @@ pub fn load_weights(dir: impl AsRef<Path>, vs: &VarStore) -> Result<usize> {
     let dir = dir.as_ref();
     let mut ckpt = read_tensors(dir)?;
     let vars = vs.variables();
-    let mut missing: Vec<&String> = vars.keys().filter(|k| !ckpt.contains_key(*k)).collect();
+    // Buffers (non-trainable variables such as the LFLB bias) that the checkpoint lacks keep their
+    // initial values; every trainable parameter must be there.
+    let mut missing: Vec<&String> = vars.iter().filter(|(k, v)| v.requires_grad() && !ckpt.contains_key(*k)).map(|(k, _)| k).collect();
     missing.sort();
     if !missing.is_empty() {
         bail!("{}: the checkpoint lacks {} parameter(s) of the model, e.g. {:?}", dir.display(), missing.len(), &missing[..missing.len().min(5)]);
@@ -116,7 +118,7 @@ pub fn load_weights(dir: impl AsRef<Path>, vs: &VarStore) -> Result<usize> {
     }
     tch::no_grad(|| -> Result<()> {
         for (name, var) in &vars {
-            let src = ckpt.remove(name).unwrap();
+            let Some(src) = ckpt.remove(name) else { continue };
             ensure!(src.size() == var.size(), "{name}: checkpoint shape {:?} != model shape {:?}", src.size(), var.size());
             var.shallow_clone().copy_(&src.to_kind(var.kind()).to_device(var.device()));
         }
@@ -132,7 +134,7 @@ pub fn load_weights(dir: impl AsRef<Path>, vs: &VarStore) -> Result<usize> {
 ///
 /// `model_config` is the notebook's `ModelConfig` (serialised); `aux_loss_coef` is recorded as
 /// `router_aux_loss_coef`. Models plain OLMoE cannot express are refused, never exported wrong:
-/// shared experts, dense layers, or any tensor whose name transformers would not load.
+/// shared experts, dense layers, an LFLB bias, or any tensor whose name transformers would not load.
 pub fn export(dir: impl AsRef<Path>, vs: &VarStore, model_config: &impl serde::Serialize, tokenizer_json: impl AsRef<Path>, aux_loss_coef: f64) -> Result<PathBuf> {
     let dir = dir.as_ref();
     let m = serde_json::to_value(model_config)?;
@@ -140,6 +142,9 @@ pub fn export(dir: impl AsRef<Path>, vs: &VarStore, model_config: &impl serde::S
     ensure!(num("n_shared_experts") == 0, "Hugging Face export refused: OLMoE has no shared experts (this model has {}); transformers would load it without them", num("n_shared_experts"));
     ensure!(num("n_dense_layers") == 0, "Hugging Face export refused: OLMoE has no dense layers (this model has {}); transformers would expect an MoE in every block", num("n_dense_layers"));
     let vars = vs.variables();
+    if vars.keys().any(|k| k.ends_with(".lflb_bias")) {
+        bail!("Hugging Face export refused: the loss-free balancing bias changes which experts are chosen, and transformers' OLMoE has no such bias");
+    }
     if let Some(odd) = vars.keys().find(|k| !is_olmoe_name(k)) {
         bail!("Hugging Face export refused: parameter {odd} has no place in an OLMoE checkpoint");
     }

@@ -133,8 +133,11 @@ fn export_refuses_what_olmoe_cannot_express() {
     assert!(e.contains("no shared experts"), "{e}");
     let e = hf::export(d.path().join("b"), &vs, &cfg(0, 1), &tok, 0.01).unwrap_err().to_string();
     assert!(e.contains("no dense layers"), "{e}");
-    let _ = vs.root().var("lflb_bias", &[2], nn::Init::Const(0.0));
+    let _ = vs.root().var("router_scale", &[2], nn::Init::Const(0.0));
     let e = hf::export(d.path().join("c"), &vs, &cfg(0, 0), &tok, 0.01).unwrap_err().to_string();
-    assert!(e.contains("lflb_bias has no place"), "{e}");
+    assert!(e.contains("router_scale has no place"), "{e}");
+    let _ = (vs.root() / "model" / "layers" / 0 / "mlp").zeros_no_train("lflb_bias", &[2]);
+    let e = hf::export(d.path().join("c"), &vs, &cfg(0, 0), &tok, 0.01).unwrap_err().to_string();
+    assert!(e.contains("loss-free balancing bias"), "{e}");
     assert!(!d.path().join("c").exists(), "nothing is written when export is refused");
 }
