@@ -64,12 +64,22 @@ def test_experiment_trains_briefly_on_cpu(nb, tmp_path):
     assert hf.config.num_experts == cfg["model"]["num_experts"] and hf.config.eos_token_id == 50279
     assert AutoTokenizer.from_pretrained(run_dir / "hf")("Hello world")["input_ids"] == [12092, 1533]
 
+    # ... and the notebook starts from it again: validation at step 0 is the first run's final one.
+    again = run_notebook(nb, tmp_path / "again", MOE_PRESET="cpu", MOE_STEPS="1", MOE_INIT_FROM=str(run_dir / "hf"),
+                         MOE_SET="train.eval_every=1 train.sample_tokens=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "loaded " in again.stdout
+    first = json.loads((tmp_path / "again" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["val.loss"] - val[-1]) < 1e-4, (first, val[-1])
+
 
 @pytest.mark.parametrize("env, message", [
     ({"MOE_PRESET": "huge"}, 'unknown preset "huge"'),
     ({"MOE_STEPS": "ten"}, 'MOE_STEPS="ten" is not a valid'),
     ({"MOE_SET": "model.n_experts=4"}, "unknown field model.n_experts"),
     ({"MOE_SET": "model.num_experts_per_tok=99"}, "num_experts_per_tok 99 must be in 1..=num_experts"),
+    ({"MOE_SET": "train.load_balancing_norm=switch"}, "unknown variant `switch`"),
+    ({"MOE_INIT_FROM": "no/such/dir"}, "neither an existing directory nor a hub id"),
 ])
 def test_bad_overrides_fail_the_config_cell_with_a_clear_message(env, message, tmp_path):
     nb = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"

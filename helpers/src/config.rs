@@ -67,8 +67,11 @@ impl Overrides {
                 bail!("unknown field {s}.{field}; {s} has {known:?}");
             }
             obj.insert(field.clone(), value.clone());
-            // Deserialise after each assignment so a type error names the field that caused it.
-            serde_json::from_value::<T>(v.clone()).with_context(|| format!("bad value for {s}.{field}: {value}"))?;
+            // Deserialise after each assignment so a type error names the field that caused it. The
+            // cause goes into the one message: notebooks print errors with `{}`, which drops context.
+            if let Err(e) = serde_json::from_value::<T>(v.clone()) {
+                bail!("bad value for {s}.{field}: {value} ({e})");
+            }
         }
         Ok(serde_json::from_value(v)?)
     }

@@ -6,12 +6,70 @@
 //! transformers 5.x (`mlp.experts.gate_up_proj [E, 2I, D]`, gate rows first, and
 //! `mlp.experts.down_proj [E, D, I]`) are split into per-expert tensors first. A tensor the model
 //! does not have, a parameter the checkpoint lacks, or a shape mismatch is an error naming it.
+//!
+//! [`resolve`] turns a hub id (`allenai/OLMoE-1B-7B-0924`, optionally `@revision`) into a local
+//! directory through `hf-hub`, honouring `HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN` and `HF_HUB_OFFLINE`.
 use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Tensor};
+
+/// A checkpoint directory for `id_or_dir`: an existing local directory as it is, otherwise a hub
+/// model id `owner/name[@revision]` whose `config.json` and safetensors (single or sharded) are
+/// downloaded into the hub cache (`$HF_HOME/hub`), with a progress bar, resuming partial files.
+/// `HF_HUB_OFFLINE=1` uses only what the cache already holds. `HF_TOKEN` (or `$HF_HOME/token`)
+/// authenticates gated or private repositories.
+pub fn resolve(id_or_dir: &str) -> Result<PathBuf> {
+    let local = Path::new(id_or_dir);
+    if local.is_dir() {
+        return Ok(local.to_path_buf());
+    }
+    let (id, revision) = id_or_dir.split_once('@').unwrap_or((id_or_dir, "main"));
+    ensure!(
+        id.split('/').count() == 2 && !id.starts_with('/') && !id.starts_with('.'),
+        "{id_or_dir:?} is neither an existing directory nor a hub id like allenai/OLMoE-1B-7B-0924[@revision]"
+    );
+    let repo = hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, revision.to_string());
+    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes")).unwrap_or(false);
+    let fetch: Box<dyn Fn(&str) -> Result<Option<PathBuf>>> = if offline {
+        let cache = hf_hub::Cache::from_env().repo(repo.clone());
+        Box::new(move |f: &str| Ok(cache.get(f)))
+    } else {
+        let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true);
+        if let Ok(token) = std::env::var("HF_TOKEN") {
+            if !token.trim().is_empty() {
+                builder = builder.with_token(Some(token.trim().to_string()));
+            }
+        }
+        let api = builder.build().context("cannot set up the Hugging Face hub client")?.repo(repo.clone());
+        Box::new(move |f: &str| match api.get(f) {
+            Ok(p) => Ok(Some(p)),
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("downloading {f} of {id_or_dir} failed: {e}")),
+        })
+    };
+    let where_ = if offline { "in the local hub cache (HF_HUB_OFFLINE=1; run once online, or pass a local directory)" } else { "on the hub" };
+    let config = fetch("config.json")?.with_context(|| format!("{id_or_dir}: config.json not found {where_}"))?;
+    if fetch("model.safetensors")?.is_none() {
+        let index = fetch("model.safetensors.index.json")?
+            .with_context(|| format!("{id_or_dir}: neither model.safetensors nor model.safetensors.index.json found {where_}"))?;
+        for shard in weight_files_listed(&index)? {
+            fetch(&shard)?.with_context(|| format!("{id_or_dir}: shard {shard} not found {where_}"))?;
+        }
+    }
+    Ok(config.parent().context("hub cache path has no parent")?.to_path_buf())
+}
+
+fn weight_files_listed(index: &Path) -> Result<Vec<String>> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(index)?).with_context(|| format!("{} is not JSON", index.display()))?;
+    let map = v.get("weight_map").and_then(Value::as_object).with_context(|| format!("{} has no weight_map", index.display()))?;
+    let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(String::from).collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
 
 /// Reads `<dir>/config.json` (an OLMoE config) into the notebook's `ModelConfig`, whose fields use
 /// the Hugging Face names. Options plain OLMoE lacks (shared experts, dense layers) come out as 0.
@@ -65,12 +123,7 @@ pub fn weight_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     ensure!(index.is_file(), "{} has neither model.safetensors nor model.safetensors.index.json", dir.display());
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&index)?).with_context(|| format!("{} is not JSON", index.display()))?;
-    let map = v.get("weight_map").and_then(Value::as_object).with_context(|| format!("{} has no weight_map", index.display()))?;
-    let mut files: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
+    Ok(weight_files_listed(&index)?.into_iter().map(|f| dir.join(f)).collect())
 }
 
 /// Reads every tensor of the checkpoint, splitting merged expert tensors into per-expert ones.
