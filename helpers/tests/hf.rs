@@ -141,3 +141,23 @@ fn export_refuses_what_olmoe_cannot_express() {
     assert!(e.contains("loss-free balancing bias"), "{e}");
     assert!(!d.path().join("c").exists(), "nothing is written when export is refused");
 }
+
+#[test]
+fn sharded_checkpoints_load_through_their_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let vs = var_store();
+    let names: Vec<String> = vs.variables().keys().cloned().collect();
+    let (first, second) = names.split_at(3);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let tensors: Vec<(String, Tensor)> = part.iter().map(|n| (n.clone(), vs.variables()[n].ones_like() * 2.0)).collect();
+        Tensor::write_safetensors(&tensors, dir.path().join(shard)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_eq!(hf::load_weights(dir.path(), &vs).unwrap(), 7);
+    assert!(vs.variables().values().all(|v| v.eq(2.0).all().int64_value(&[]) == 1));
+}
