@@ -73,6 +73,27 @@ def test_experiment_trains_briefly_on_cpu(nb, tmp_path):
     assert abs(first["val.loss"] - val[-1]) < 1e-4, (first, val[-1])
 
 
+def test_shared_experts_dense_layers_and_lflb_train_and_save(tmp_path):
+    """The seed's options in one short run: the smoke test checks the parameter count against the
+    formula; the LFLB bias moves and is saved with the weights; export refuses what OLMoE lacks."""
+    from safetensors.torch import load_file
+    nb = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
+    run_dir = tmp_path / "run"
+    proc = run_notebook(nb, run_dir, MOE_PRESET="cpu", MOE_STEPS="3", MOE_SET=(
+        "model.n_shared_experts=1 model.n_dense_layers=1 model.dense_intermediate_size=96 model.lflb=true "
+        "model.norm_topk_prob=true model.moe_impl=loop train.eval_every=3 train.sample_tokens=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "smoke test ok" in proc.stdout
+    assert "Hugging Face export skipped: Hugging Face export refused: OLMoE has no shared experts" in proc.stdout
+    weights = load_file(str(run_dir / "model.safetensors"))
+    assert "model.layers.0.mlp.down_proj.weight" in weights  # the dense block
+    assert "model.layers.1.mlp.shared_experts.0.up_proj.weight" in weights
+    assert "model.layers.0.mlp.lflb_bias" not in weights
+    bias = weights["model.layers.1.mlp.lflb_bias"]
+    assert bias.shape == (8,) and bias.abs().max().item() > 0, bias  # updated after each of 3 steps
+    assert bias.abs().max().item() <= 3 * 0.001 + 1e-9
+
+
 @pytest.mark.parametrize("env, message", [
     ({"MOE_PRESET": "huge"}, 'unknown preset "huge"'),
     ({"MOE_STEPS": "ten"}, 'MOE_STEPS="ten" is not a valid'),
