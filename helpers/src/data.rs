@@ -9,6 +9,7 @@
 //! The token cache (`<cache_dir>/<corpus stem>-<key>.tokens`) is keyed by a hash of the corpus
 //! bytes, the tokenizer bytes and the split; it is written to a temporary file and renamed, so an
 //! interrupted run never leaves a half-written cache behind, and a damaged one is rebuilt.
+use crate::WithCause;
 use anyhow::{bail, ensure, Context, Result};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -82,8 +83,8 @@ impl Corpus {
             "val_fraction must be in (0, 1), got {val_fraction}"
         );
         let bytes = std::fs::read(corpus)
-            .with_context(|| format!("cannot read corpus {}; the bundled one is {DEFAULT_CORPUS}", corpus.display()))?;
-        let tok_bytes = std::fs::read(&tok.path).with_context(|| format!("cannot read {}", tok.path.display()))?;
+            .with_cause(|| format!("cannot read corpus {}; the bundled one is {DEFAULT_CORPUS}", corpus.display()))?;
+        let tok_bytes = std::fs::read(&tok.path).with_cause(|| format!("cannot read {}", tok.path.display()))?;
         let mut key = Fnv::new();
         key.write(&VERSION.to_le_bytes());
         key.write(&bytes);
@@ -170,12 +171,12 @@ fn windows(tokens: &[u32], starts: &[usize], t: usize, device: Device) -> (Tenso
 fn parse_jsonl(bytes: &[u8], path: &Path) -> Result<Vec<String>> {
     let mut docs = Vec::new();
     for (i, line) in bytes.lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: not valid UTF-8", path.display(), i + 1))?;
+        let line = line.with_cause(|| format!("{}:{}: not valid UTF-8", path.display(), i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
         let v: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
+            serde_json::from_str(&line).with_cause(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
         match v.get("text").and_then(|t| t.as_str()) {
             Some(t) => docs.push(t.to_string()),
             None => bail!("{}:{}: no string field \"text\"", path.display(), i + 1),
@@ -213,7 +214,7 @@ fn read_cache(path: &Path, key: u64) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
 
 fn write_cache(path: &Path, key: u64, train: &[u32], val: &[u32]) -> Result<()> {
     let dir = path.parent().context("cache path has no directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_cause(|| format!("cannot create cache directory {}", dir.display()))?;
     // u16 ids when the vocabulary fits (it does for OLMoE's 50280), u32 otherwise.
     let width: u32 = if train.iter().chain(val).all(|&x| x <= u16::MAX as u32) { 2 } else { 4 };
     let mut buf = Vec::with_capacity(HEADER_BYTES + (train.len() + val.len()) * width as usize);

@@ -9,6 +9,7 @@
 //!
 //! [`resolve`] turns a hub id (`allenai/OLMoE-1B-7B-0924`, optionally `@revision`) into a local
 //! directory through `hf-hub`, honouring `HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN` and `HF_HUB_OFFLINE`.
+use crate::WithCause;
 use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -43,7 +44,7 @@ pub fn resolve(id_or_dir: &str) -> Result<PathBuf> {
                 builder = builder.with_token(Some(token.trim().to_string()));
             }
         }
-        let api = builder.build().context("cannot set up the Hugging Face hub client")?.repo(repo.clone());
+        let api = builder.build().with_cause(|| "cannot set up the Hugging Face hub client".into())?.repo(repo.clone());
         Box::new(move |f: &str| match api.get(f) {
             Ok(p) => Ok(Some(p)),
             Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
@@ -63,7 +64,7 @@ pub fn resolve(id_or_dir: &str) -> Result<PathBuf> {
 }
 
 fn weight_files_listed(index: &Path) -> Result<Vec<String>> {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(index)?).with_context(|| format!("{} is not JSON", index.display()))?;
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(index)?).with_cause(|| format!("{} is not JSON", index.display()))?;
     let map = v.get("weight_map").and_then(Value::as_object).with_context(|| format!("{} has no weight_map", index.display()))?;
     let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(String::from).collect();
     files.sort();
@@ -75,8 +76,8 @@ fn weight_files_listed(index: &Path) -> Result<Vec<String>> {
 /// the Hugging Face names. Options plain OLMoE lacks (shared experts, dense layers) come out as 0.
 pub fn model_config<T: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<T> {
     let path = dir.as_ref().join("config.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let c: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_cause(|| format!("cannot read {}", path.display()))?;
+    let c: Value = serde_json::from_str(&text).with_cause(|| format!("{} is not JSON", path.display()))?;
     let get = |k: &str| c.get(k).filter(|v| !v.is_null());
     let model_type = get("model_type").and_then(Value::as_str).unwrap_or("?");
     ensure!(model_type == "olmoe", "{}: model_type is {model_type:?}, expected \"olmoe\"", path.display());
@@ -110,7 +111,7 @@ pub fn model_config<T: DeserializeOwned>(dir: impl AsRef<Path>) -> Result<T> {
         "max_position_embeddings": get("max_position_embeddings").cloned().unwrap_or(json!(4096)),
         "initializer_range": get("initializer_range").cloned().unwrap_or(json!(0.02)),
     });
-    serde_json::from_value(v).with_context(|| format!("{}: does not fit the notebook's ModelConfig", path.display()))
+    serde_json::from_value(v).with_cause(|| format!("{}: does not fit the notebook's ModelConfig", path.display()))
 }
 
 /// The safetensors files of a checkpoint directory: `model.safetensors`, or the shards listed by
@@ -130,7 +131,7 @@ pub fn weight_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
 pub fn read_tensors(dir: impl AsRef<Path>) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for file in weight_files(&dir)? {
-        let tensors = Tensor::read_safetensors(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let tensors = Tensor::read_safetensors(&file).with_cause(|| format!("cannot read {}", file.display()))?;
         for (name, t) in tensors {
             if let Some(prefix) = name.strip_suffix(".experts.gate_up_proj") {
                 let (e, two_i) = (t.size()[0], t.size()[1]);
@@ -201,7 +202,7 @@ pub fn export(dir: impl AsRef<Path>, vs: &VarStore, model_config: &impl serde::S
     if let Some(odd) = vars.keys().find(|k| !is_olmoe_name(k)) {
         bail!("Hugging Face export refused: parameter {odd} has no place in an OLMoE checkpoint");
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_cause(|| format!("cannot create {}", dir.display()))?;
     let tok = crate::data::Tokenizer::from_file(tokenizer_json.as_ref())?;
     let config = json!({
         "architectures": ["OlmoeForCausalLM"],
@@ -223,10 +224,10 @@ pub fn export(dir: impl AsRef<Path>, vs: &VarStore, model_config: &impl serde::S
     let mut named: Vec<(String, Tensor)> = vars.into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let tmp = dir.join(".model.safetensors.tmp");
-    Tensor::write_safetensors(&named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    Tensor::write_safetensors(&named, &tmp).with_cause(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, dir.join("model.safetensors"))?;
     std::fs::copy(tokenizer_json.as_ref(), dir.join("tokenizer.json"))
-        .with_context(|| format!("cannot copy {}", tokenizer_json.as_ref().display()))?;
+        .with_cause(|| format!("cannot copy {}", tokenizer_json.as_ref().display()))?;
     let tok_config = json!({
         "tokenizer_class": "GPTNeoXTokenizer", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>",
         "bos_token": null, "unk_token": null, "add_bos_token": false, "add_eos_token": false,

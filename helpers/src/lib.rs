@@ -25,3 +25,19 @@ pub use config::{env_parse, Overrides};
 pub use data::{Corpus, Tokenizer};
 pub use run::{project_root, MetricsLog, RunDir};
 pub use runtime::Runtime;
+
+/// Like anyhow's `with_context`, but the cause goes into the one message. evcxr prints an error a
+/// cell returns with `{}`, which shows only the outermost context: "cannot read x" without "No such
+/// file or directory" would leave the user guessing.
+pub(crate) trait WithCause<T> {
+    fn with_cause<F: FnOnce() -> String>(self, f: F) -> anyhow::Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> WithCause<T> for std::result::Result<T, E> {
+    fn with_cause<F: FnOnce() -> String>(self, f: F) -> anyhow::Result<T> {
+        self.map_err(|e| {
+            let e: anyhow::Error = e.into();
+            anyhow::anyhow!("{}: {e:#}", f())
+        })
+    }
+}

@@ -3,6 +3,7 @@
 //! A run directory holds `config.json` (both config structs), `metrics.jsonl` (one JSON object per
 //! logged step, flushed as it is written so a crash loses nothing already logged) and
 //! `model.safetensors` (written by the notebook's saving cell).
+use crate::WithCause;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
@@ -39,7 +40,7 @@ impl RunDir {
     pub fn at(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
         std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create run directory {}; set MOE_RUN_DIR to a writable place", path.display()))?;
+            .with_cause(|| format!("cannot create run directory {}; set MOE_RUN_DIR to a writable place", path.display()))?;
         Ok(Self { path })
     }
 
@@ -76,7 +77,7 @@ impl MetricsLog {
             .create(true)
             .append(true)
             .open(&path)
-            .with_context(|| format!("cannot open {} for appending", path.display()))?;
+            .with_cause(|| format!("cannot open {} for appending", path.display()))?;
         Ok(Self { file, path })
     }
 
@@ -90,7 +91,7 @@ impl MetricsLog {
         self.file
             .write_all(line.as_bytes())
             .and_then(|_| self.file.flush())
-            .with_context(|| format!("cannot write to {}", self.path.display()))
+            .with_cause(|| format!("cannot write to {}", self.path.display()))
     }
 }
 
@@ -109,7 +110,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    res.with_context(|| format!("cannot write {}", path.display()))
+    res.with_cause(|| format!("cannot write {}", path.display()))
 }
 
 /// `YYYYMMDD-HHMMSS` in UTC, for run directory names.

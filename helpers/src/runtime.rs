@@ -6,6 +6,7 @@
 //!    referenced, and then `tch::Cuda::is_available()` is false even on a GPU pod;
 //! 2. sets the intra-op thread count (`MOE_THREADS`, default: every core);
 //! 3. picks the device (`MOE_DEVICE` = `auto` | `cpu` | `cuda` | `cuda:N`, default `auto`).
+use crate::WithCause;
 use anyhow::{bail, Context, Result};
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
@@ -100,7 +101,7 @@ pub fn cuda_library_loaded() -> bool {
 /// dlopens `libtorch_cuda.so` from the directory libtorch itself was loaded from.
 /// Ok(None) when that directory has no CUDA library (a CPU-only libtorch).
 fn load_cuda_library() -> Result<Option<PathBuf>> {
-    let dir = libtorch_dir().context("cannot find where libtorch is loaded from")?;
+    let dir = libtorch_dir().with_cause(|| "cannot find where libtorch is loaded from".into())?;
     let path = dir.join(CUDA_LIB);
     if !path.exists() {
         return Ok(None);
