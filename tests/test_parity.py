@@ -107,7 +107,7 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
     out.push(("adamw_losses".into(), Tensor::from_slice(&losses)));
     out.push(("trained_logits".into(), tch::no_grad(|| pmodel.forward(x).0)));
     let root = helpers::project_root()?;
-    helpers::hf::export(dir.join("exported"), &pvs, &pcfg, root.join(helpers::data::DEFAULT_TOKENIZER), AUX_COEF)?;
+    helpers::hf::export(dir.join("exported"), &pvs.variables().into_iter().collect::<Vec<_>>(), &pcfg, root.join(helpers::data::DEFAULT_TOKENIZER), AUX_COEF)?;
     Tensor::write_safetensors(&out, dir.join("ours.safetensors"))?;
     println!("parity: wrote {}", dir.join("ours.safetensors").display());
 }

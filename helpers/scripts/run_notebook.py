@@ -11,7 +11,8 @@ failure as success: a panic (unless `:preserve_vars_on_panic 0` is set), and an 
   (the saved notebook shows the original sources),
 - prints each cell's output as it arrives, so training progress is visible,
 - fails (exit 1) on the first cell that errors, panics or returns early, naming the cell,
-- sets MOE_RUN_DIR (runs/<experiment>/<timestamp> unless given) and saves the executed notebook
+- sets MOE_RUN_DIR (runs/<experiment>/<timestamp> unless given; with MOE_RESUME, the resumed run's
+  directory) and saves the executed notebook
   there, so every run keeps the exact code that produced it.
 The kernel's launcher (helpers/scripts/evcxr-kernel.sh) picks its build directory.
 Environment overrides for the notebook (MOE_PRESET, MOE_STEPS, MOE_SET, ...) pass straight through.
@@ -123,6 +124,8 @@ def main() -> int:
     ap.add_argument("notebook", type=Path)
     ap.add_argument("--out", type=Path, help="where to write the executed notebook (default: <run dir>/executed.ipynb)")
     ap.add_argument("--timeout", type=int, default=-1, help="per-cell timeout in seconds (default: none)")
+    ap.add_argument("--skip-tag", action="append", default=[], metavar="TAG",
+                    help="do not execute code cells tagged TAG (cell metadata 'tags'); repeatable")
     args = ap.parse_args()
 
     nb_path = args.notebook.resolve()
@@ -130,6 +133,11 @@ def main() -> int:
         print(f"error: notebook {args.notebook} does not exist", file=sys.stderr)
         return 2
     experiment = nb_path.parent.name
+    resume = os.environ.get("MOE_RESUME", "").strip()
+    if resume and not os.environ.get("MOE_RUN_DIR"):
+        # Continue in the resumed run's directory: a run directory, or <run>/checkpoints/step-N.
+        r = Path(resume).resolve()
+        os.environ["MOE_RUN_DIR"] = str(r.parents[1] if (r / "state.json").is_file() else r)
     if not os.environ.get("MOE_RUN_DIR"):
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         os.environ["MOE_RUN_DIR"] = str(ROOT / "runs" / experiment / stamp)
@@ -141,7 +149,9 @@ def main() -> int:
     setup.metadata["tags"] = ["injected-by-run_notebook"]
     nb.cells.insert(0, setup)
 
-    code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    skipped = [i for i, c in enumerate(nb.cells)
+               if c.cell_type == "code" and set(c.metadata.get("tags", [])) & set(args.skip_tag)]
+    code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and i not in skipped]
     originals = {i: nb.cells[i].source for i in code_cells}
     client = StreamingClient(
         nb,
@@ -178,6 +188,8 @@ def main() -> int:
                 break
     nb.cells.pop(0)
     out = args.out or run_dir / "executed.ipynb"
+    if out.exists() and not args.out:  # a resumed run keeps the first run's record too
+        out = run_dir / f"executed-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
     took = time.time() - t0

@@ -189,13 +189,13 @@ pub fn load_weights(dir: impl AsRef<Path>, vs: &VarStore) -> Result<usize> {
 /// `model_config` is the notebook's `ModelConfig` (serialised); `aux_loss_coef` is recorded as
 /// `router_aux_loss_coef`. Models plain OLMoE cannot express are refused, never exported wrong:
 /// shared experts, dense layers, an LFLB bias, or any tensor whose name transformers would not load.
-pub fn export(dir: impl AsRef<Path>, vs: &VarStore, model_config: &impl serde::Serialize, tokenizer_json: impl AsRef<Path>, aux_loss_coef: f64) -> Result<PathBuf> {
+pub fn export(dir: impl AsRef<Path>, weights: &[(String, Tensor)], model_config: &impl serde::Serialize, tokenizer_json: impl AsRef<Path>, aux_loss_coef: f64) -> Result<PathBuf> {
     let dir = dir.as_ref();
     let m = serde_json::to_value(model_config)?;
     let num = |k: &str| m.get(k).and_then(Value::as_i64).unwrap_or(0);
     ensure!(num("n_shared_experts") == 0, "Hugging Face export refused: OLMoE has no shared experts (this model has {}); transformers would load it without them", num("n_shared_experts"));
     ensure!(num("n_dense_layers") == 0, "Hugging Face export refused: OLMoE has no dense layers (this model has {}); transformers would expect an MoE in every block", num("n_dense_layers"));
-    let vars = vs.variables();
+    let vars: BTreeMap<String, Tensor> = weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
     if vars.keys().any(|k| k.ends_with(".lflb_bias")) {
         bail!("Hugging Face export refused: the loss-free balancing bias changes which experts are chosen, and transformers' OLMoE has no such bias");
     }
@@ -221,8 +221,8 @@ pub fn export(dir: impl AsRef<Path>, vs: &VarStore, model_config: &impl serde::S
     crate::run::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     let generation = json!({ "eos_token_id": tok.eos_id, "pad_token_id": config["pad_token_id"], "bos_token_id": null });
     crate::run::write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&generation)?.as_bytes())?;
-    let mut named: Vec<(String, Tensor)> = vars.into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
+    // fp32, as config.json says (mixed-precision runs pass their fp32 master weights).
+    let named: Vec<(String, Tensor)> = vars.into_iter().map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).contiguous())).collect();
     let tmp = dir.join(".model.safetensors.tmp");
     Tensor::write_safetensors(&named, &tmp).with_cause(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, dir.join("model.safetensors"))?;

@@ -9,15 +9,28 @@
 //! - [`config`]: overrides of config fields from environment variables, for headless runs.
 //! - [`hf`]: Hugging Face OLMoE checkpoints: `config.json` into the notebook's config, safetensors
 //!   (single or sharded, per-expert or merged experts) into the notebook's VarStore.
+//! - [`optim`]: AdamW and Muon over tensors (state that can be saved), fp32 master weights for
+//!   mixed precision, gradient clipping, learning-rate schedules.
+//! - [`checkpoint`]: atomic checkpoints with a `latest` pointer, keep-last-N, exact resume.
+//! - [`generate`]: greedy / temperature / top-k / top-p choice of the next token.
+//! - [`plot`]: `training_curves.png`, shown inline in the notebook.
+//! - [`memory`]: resident memory and its peak (what activation checkpointing saves on CPU).
+//! - [`perf`]: FLOPs per token and a GEMM peak measured in-process, for MFU.
 //!
 //! Every function that can fail on user input returns `anyhow::Result` with a message that says
 //! what to do: a panic in a notebook cell can cost the user every variable they had.
 //!
 //! Environment variables read here (all optional):
 //! `MOE_DEVICE` (auto|cpu|cuda|cuda:N), `MOE_THREADS`, `MOE_RUN_DIR`.
+pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod generate;
 pub mod hf;
+pub mod memory;
+pub mod optim;
+pub mod perf;
+pub mod plot;
 pub mod run;
 pub mod runtime;
 

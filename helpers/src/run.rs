@@ -62,6 +62,34 @@ impl RunDir {
     pub fn metrics(&self) -> Result<MetricsLog> {
         MetricsLog::open(self.file("metrics.jsonl"))
     }
+
+    /// Every row of `<run>/metrics.jsonl` (empty if there is none), e.g. for plots and results.
+    pub fn read_metrics(&self) -> Result<Vec<serde_json::Value>> {
+        let path = self.file("metrics.jsonl");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(Vec::new()) };
+        Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    }
+
+    /// Opens `<run>/metrics.jsonl` to continue a run resumed after optimizer step `step`: rows of
+    /// later steps (logged by the run that crashed after its last checkpoint) are dropped first, so
+    /// the file reads as if the run had never stopped.
+    pub fn metrics_resumed(&self, step: i64) -> Result<MetricsLog> {
+        let path = self.file("metrics.jsonl");
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).with_cause(|| format!("cannot read {}", path.display()))?;
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    let step_of = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_i64()));
+                    // A torn last line (killed mid-write) has no parsable step: drop it too.
+                    matches!(step_of, Some(s) if s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            write_atomic(&path, kept.as_bytes())?;
+        }
+        MetricsLog::open(path)
+    }
 }
 
 /// An append-only JSONL file, one object per logged step, flushed on every row.

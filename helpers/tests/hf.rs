@@ -129,15 +129,16 @@ fn export_refuses_what_olmoe_cannot_express() {
         "num_attention_heads": 1, "num_experts": 2, "num_experts_per_tok": 1, "intermediate_size": 3,
         "n_shared_experts": shared, "n_dense_layers": dense, "norm_topk_prob": false, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "max_position_embeddings": 16, "initializer_range": 0.02});
-    let e = hf::export(d.path().join("a"), &vs, &cfg(1, 0), &tok, 0.01).unwrap_err().to_string();
+    let named = |vs: &nn::VarStore| vs.variables().into_iter().collect::<Vec<_>>();
+    let e = hf::export(d.path().join("a"), &named(&vs), &cfg(1, 0), &tok, 0.01).unwrap_err().to_string();
     assert!(e.contains("no shared experts"), "{e}");
-    let e = hf::export(d.path().join("b"), &vs, &cfg(0, 1), &tok, 0.01).unwrap_err().to_string();
+    let e = hf::export(d.path().join("b"), &named(&vs), &cfg(0, 1), &tok, 0.01).unwrap_err().to_string();
     assert!(e.contains("no dense layers"), "{e}");
     let _ = vs.root().var("router_scale", &[2], nn::Init::Const(0.0));
-    let e = hf::export(d.path().join("c"), &vs, &cfg(0, 0), &tok, 0.01).unwrap_err().to_string();
+    let e = hf::export(d.path().join("c"), &named(&vs), &cfg(0, 0), &tok, 0.01).unwrap_err().to_string();
     assert!(e.contains("router_scale has no place"), "{e}");
     let _ = (vs.root() / "model" / "layers" / 0 / "mlp").zeros_no_train("lflb_bias", &[2]);
-    let e = hf::export(d.path().join("c"), &vs, &cfg(0, 0), &tok, 0.01).unwrap_err().to_string();
+    let e = hf::export(d.path().join("c"), &named(&vs), &cfg(0, 0), &tok, 0.01).unwrap_err().to_string();
     assert!(e.contains("loss-free balancing bias"), "{e}");
     assert!(!d.path().join("c").exists(), "nothing is written when export is refused");
 }
