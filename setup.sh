@@ -3,6 +3,9 @@
 #
 #   bash setup.sh              set up only: Python env, Rust kernel, helpers build
 #   bash setup.sh run [NB]     set up, then execute NB headlessly (default: the base-olmoe experiment)
+#                              (MOE_RESUME=runs/<exp>/<time> continues a run from its latest checkpoint)
+#   bash setup.sh generate RUN [PROMPT] [NB]
+#                              sample from a saved run's latest checkpoint (NB's training cells skipped)
 #   bash setup.sh test         set up, then run the whole test suite (what CI runs)
 #   bash setup.sh lab          set up, then start JupyterLab with the Rust kernel
 #   bash setup.sh env          print the environment exports, for `eval "$(bash setup.sh env)"`
@@ -136,6 +139,18 @@ case "$cmd" in
     [ -f "$nb" ] || die "notebook $nb does not exist"
     say "running $nb (MOE_PRESET=${MOE_PRESET:-default} MOE_STEPS=${MOE_STEPS:-default})"
     exec "$VENV/bin/python" helpers/scripts/run_notebook.py "$nb" ;;
+  generate)
+    [ -n "${1:-}" ] || die "usage: bash setup.sh generate RUN_DIR|CHECKPOINT_DIR [PROMPT] [NOTEBOOK]"
+    [ -e "$1" ] || die "$1 does not exist; pass a run directory (runs/<experiment>/<time>) or one of its checkpoints"
+    run_dir="$(cd "$1" && pwd)"
+    [ -f "$run_dir/state.json" ] && run_dir="$(dirname "$(dirname "$run_dir")")"
+    exp="$(basename "$(dirname "$run_dir")")"
+    nb="${3:-experiments/$exp/experiment.ipynb}"
+    [ -f "$nb" ] || nb=experiments/base-olmoe/experiment.ipynb
+    setup
+    out="$(mktemp -d)/generate.ipynb"
+    say "generating from $1 with $nb (training cells skipped; executed notebook: $out)"
+    MOE_RESUME="$1" MOE_PROMPT="${2:-}" exec "$VENV/bin/python" helpers/scripts/run_notebook.py "$nb" --skip-tag train --out "$out" ;;
   test)
     setup
     say "cargo test (helpers)"
@@ -153,5 +168,5 @@ case "$cmd" in
     printf 'export VIRTUAL_ENV=%q PATH=%q LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH=%q JUPYTER_PATH=%q\n' \
       "$VIRTUAL_ENV" "$PATH" "$LD_LIBRARY_PATH" "$JUPYTER_PATH" ;;
   *)
-    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], test, lab, env" ;;
+    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], generate RUN [PROMPT], test, lab, env" ;;
 esac

@@ -93,18 +93,31 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
     out.push(("lflb.update_centered".into(), block.lflb_bias.as_ref().unwrap().copy()));
     for _ in 0..4 { block.update_lflb_bias(&counts, 0.5, 1.2, false); }
     out.push(("lflb.update_clamped".into(), block.lflb_bias.as_ref().unwrap().copy()));
-    // Five AdamW steps on the same batch, then export the trained model for transformers.
-    let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.95, wd: 0.1, eps: 1e-8, amsgrad: false }.build(&pvs, 1e-3)?;
-    let mut losses = Vec::new();
-    for _ in 0..5 {
-        opt.zero_grad();
-        let (logits, routers) = pmodel.forward(x);
-        let loss = cross_entropy(&logits, y) + load_balancing_loss(&routers, pcfg.num_experts, pcfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * AUX_COEF;
-        loss.backward();
-        opt.step();
-        losses.push(loss.double_value(&[]));
-    }
-    out.push(("adamw_losses".into(), Tensor::from_slice(&losses)));
+    // Five optimizer steps on the same batch (helpers::optim): AdamW on everything, and on a fresh
+    // copy Muon for the attention projections with AdamW for the rest. Then export the AdamW model.
+    let ocfg = helpers::optim::OptimConfig { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1,
+        muon_lr: 0.02, muon_momentum: 0.95, muon_nesterov: true, muon_ns_steps: 5, muon_weight_decay: 0.1 };
+    let five_steps = |model: &OlmoeForCausalLM, vs: &nn::VarStore, muon: bool| -> anyhow::Result<Vec<f64>> {
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let rule = |n: &str| if muon && n.contains("self_attn.") && n.ends_with("_proj.weight") { helpers::optim::Rule::Muon } else { helpers::optim::Rule::AdamW };
+        let mut opt = helpers::optim::Optimizer::new(named.into_iter().map(|(n, t)| { let r = rule(&n); (n, t, r) }).collect(), ocfg.clone())?;
+        let mut losses = Vec::new();
+        for _ in 0..5 {
+            opt.zero_grad();
+            let (logits, routers) = model.forward(x);
+            let loss = cross_entropy(&logits, y) + load_balancing_loss(&routers, model.cfg.num_experts, model.cfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * AUX_COEF;
+            loss.backward();
+            opt.step(1.0);
+            losses.push(loss.double_value(&[]));
+        }
+        Ok(losses)
+    };
+    out.push(("adamw_losses".into(), Tensor::from_slice(&five_steps(&pmodel, &pvs, false)?)));
+    let mvs = nn::VarStore::new(Device::Cpu);
+    let mmodel = OlmoeForCausalLM::new(&mvs, &pcfg);
+    helpers::hf::load_weights(&dir, &mvs)?;
+    out.push(("muon_losses".into(), Tensor::from_slice(&five_steps(&mmodel, &mvs, true)?)));
     out.push(("trained_logits".into(), tch::no_grad(|| pmodel.forward(x).0)));
     let root = helpers::project_root()?;
     helpers::hf::export(dir.join("exported"), &pvs.variables().into_iter().collect::<Vec<_>>(), &pcfg, root.join(helpers::data::DEFAULT_TOKENIZER), AUX_COEF)?;
@@ -164,6 +177,23 @@ def reference(case_dir: Path, experts: int, top_k: int, norm: bool, layers: int,
         opt.step()
         losses.append(loss.item())
     ref["adamw_losses"] = torch.tensor(losses, dtype=torch.float64)
+    # Five steps of torch.optim.Muon on the attention projections, AdamW on the rest.
+    model = OlmoeForCausalLM.from_pretrained(case_dir).float()
+    muon = [p for n, p in model.named_parameters() if ".self_attn." in n and n.endswith("_proj.weight")]
+    rest = [p for n, p in model.named_parameters() if not (".self_attn." in n and n.endswith("_proj.weight"))]
+    opts = [torch.optim.Muon(muon, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True),
+            torch.optim.AdamW(rest, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)]
+    losses = []
+    for _ in range(5):
+        for o in opts:
+            o.zero_grad()
+        out = model(input_ids=x, output_router_logits=True)
+        loss = F.cross_entropy(out.logits.reshape(-1, 128), y.reshape(-1)) + AUX_COEF * load_balancing_loss_func(out.router_logits, experts, top_k)
+        loss.backward()
+        for o in opts:
+            o.step()
+        losses.append(loss.item())
+    ref["muon_losses"] = torch.tensor(losses, dtype=torch.float64)
     return ref
 
 
@@ -238,6 +268,16 @@ def test_five_adamw_steps_match_transformers(parity_runs, case):
     worst = ((ours["adamw_losses"] - ref["adamw_losses"]).abs() / ref["adamw_losses"].abs()).max().item()
     print(f"{case}: losses over 5 AdamW steps ours {ours['adamw_losses'].tolist()} "
           f"transformers {ref['adamw_losses'].tolist()}; worst relative difference {worst:.2e}")
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_five_muon_steps_match_torch_muon(parity_runs, case):
+    ref, ours = parity_runs[case]
+    worst = ((ours["muon_losses"] - ref["muon_losses"]).abs() / ref["muon_losses"].abs()).max().item()
+    print(f"{case}: losses over 5 Muon+AdamW steps ours {ours['muon_losses'].tolist()} "
+          f"torch {ref['muon_losses'].tolist()}; worst relative difference {worst:.2e}")
+    assert ours["muon_losses"][-1] < ours["muon_losses"][0]
     assert worst <= 1e-4
 
 

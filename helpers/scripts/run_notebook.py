@@ -14,7 +14,9 @@ failure as success: a panic (unless `:preserve_vars_on_panic 0` is set), and an 
 - sets MOE_RUN_DIR (runs/<experiment>/<timestamp> unless given; with MOE_RESUME, the resumed run's
   directory) and saves the executed notebook
   there, so every run keeps the exact code that produced it.
-The kernel's launcher (helpers/scripts/evcxr-kernel.sh) picks its build directory.
+`--skip-tag train` leaves out the cells tagged `train` (`bash setup.sh generate` uses it to sample
+from a saved run without training). The kernel's launcher (helpers/scripts/evcxr-kernel.sh) picks
+its build directory.
 Environment overrides for the notebook (MOE_PRESET, MOE_STEPS, MOE_SET, ...) pass straight through.
 """
 import argparse

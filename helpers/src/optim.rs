@@ -162,9 +162,10 @@ impl Optimizer {
     }
 
     /// The optimizer state as named tensors: `exp_avg.<param>`, `exp_avg_sq.<param>`,
-    /// `momentum.<param>`, and `master.<param>` for master weights.
+    /// `momentum.<param>`, `master.<param>` for master weights, and `step` (the update count, which
+    /// differs from the training step once steps have been skipped).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
+        let mut out = vec![("step".to_string(), Tensor::from(self.step))];
         for p in &self.params {
             let names: &[&str] = if p.rule == Rule::Muon { &["momentum"] } else { &STATE_NAMES };
             for (n, s) in names.iter().zip(&p.state) {
@@ -177,10 +178,12 @@ impl Optimizer {
         out
     }
 
-    /// Restores what [`Optimizer::state_tensors`] produced and the step count. Every parameter's
-    /// state must be present with the right shape (a checkpoint written after at least one step),
-    /// or this is an error naming the first missing or mismatched tensor.
+    /// Restores what [`Optimizer::state_tensors`] produced, including the update count (`step`
+    /// if the saved state lacks it). Every parameter's state must be present with the right shape
+    /// (a checkpoint written after at least one update), or this is an error naming the first
+    /// missing or mismatched tensor.
     pub fn load_state(&mut self, mut saved: HashMap<String, Tensor>, step: i64) -> Result<()> {
+        let step = saved.remove("step").map_or(step, |t| t.int64_value(&[]));
         let device = self.params.first().map(|p| p.tensor.device());
         for p in &mut self.params {
             let names: &[&str] = if p.rule == Rule::Muon { &["momentum"] } else { &STATE_NAMES };
