@@ -52,7 +52,7 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
     }
     for (name, var) in pvs.variables() {
         let g = var.grad();
-        out.push((format!("grad.{name}"), if g.defined() { g } else { var.zeros_like() })); // an expert no token chose
+        out.push((format!("grad.{name}"), if g.defined() { g.copy() } else { var.zeros_like() })); // an expert no token chose
     }
     // The readable per-expert loop must agree with the sorted path (the default, used above).
     let lcfg = ModelConfig { moe_impl: MoeImpl::Loop, ..pcfg.clone() };

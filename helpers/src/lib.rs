@@ -16,12 +16,14 @@
 //! - [`plot`]: `training_curves.png`, shown inline in the notebook.
 //! - [`memory`]: resident memory and its peak (what activation checkpointing saves on CPU).
 //! - [`perf`]: FLOPs per token and a GEMM peak measured in-process, for MFU.
+//! - [`wandb`]: a Weights & Biases client on reqwest: background uploads from an on-disk spool,
+//!   retries, offline mode and `sync`, resume, files. The key never leaves memory and the W&B host.
 //!
 //! Every function that can fail on user input returns `anyhow::Result` with a message that says
 //! what to do: a panic in a notebook cell can cost the user every variable they had.
 //!
 //! Environment variables read here (all optional):
-//! `MOE_DEVICE` (auto|cpu|cuda|cuda:N), `MOE_THREADS`, `MOE_RUN_DIR`.
+//! `MOE_DEVICE` (auto|cpu|cuda|cuda:N), `MOE_THREADS`, `MOE_RUN_DIR`; `WANDB_*` (see [`wandb`]).
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -33,6 +35,7 @@ pub mod perf;
 pub mod plot;
 pub mod run;
 pub mod runtime;
+pub mod wandb;
 
 pub use config::{env_parse, Overrides};
 pub use data::{Corpus, Tokenizer};

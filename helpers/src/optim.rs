@@ -60,6 +60,10 @@ pub struct Optimizer {
     /// Optimizer steps taken (AdamW's bias correction uses it).
     pub step: i64,
     params: Vec<Param>,
+    /// libtorch's own optimizer over the same tensors, used only for `zero_grad`: it resets
+    /// gradients to undefined (PyTorch's `set_to_none=True`), which frees their memory between
+    /// steps; tch has no other way to do that.
+    clearer: tch::COptimizer,
 }
 
 const STATE_NAMES: [&str; 2] = ["exp_avg", "exp_avg_sq"];
@@ -78,7 +82,11 @@ impl Optimizer {
             out.push(Param { name, tensor, master: None, rule, state: Vec::new() });
         }
         ensure!(cfg.muon_ns_steps >= 1, "muon_ns_steps must be >= 1");
-        Ok(Self { cfg, step: 0, params: out })
+        let mut clearer = tch::COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false)?;
+        for p in &out {
+            clearer.add_parameters(&p.tensor, 0)?;
+        }
+        Ok(Self { cfg, step: 0, params: out, clearer })
     }
 
     /// Mixed precision: keeps an fp32 master copy of every parameter, then casts the model's
@@ -110,13 +118,9 @@ impl Optimizer {
         )
     }
 
+    /// Drops every gradient (set to undefined, as PyTorch's default), freeing its memory.
     pub fn zero_grad(&self) {
-        for p in &self.params {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
-        }
+        self.clearer.zero_grad().expect("libtorch zero_grad");
     }
 
     /// One update of every parameter that has a gradient; `lr_scale` multiplies both peak rates
@@ -407,7 +411,7 @@ mod tests {
     fn newton_schulz_is_nearly_orthogonal() {
         tch::manual_seed(0);
         let g = Tensor::randn([32, 64], (Kind::Float, tch::Device::Cpu));
-        let o = newton_schulz(&g, 5);
+        let o = newton_schulz(&g, 5).to_kind(Kind::Float); // bf16, as torch.optim.Muon
         // Singular values land in roughly [0.7, 1.2] (the iteration trades exactness for speed).
         let sv = o.matmul(&o.tr()).linalg_eigvalsh("L").sqrt(); // singular values of O
         let (lo, hi) = (sv.min().double_value(&[]), sv.max().double_value(&[]));

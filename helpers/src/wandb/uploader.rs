@@ -1,0 +1,233 @@
+//! Sends a spool to W&B: creates (or resumes) the run, streams history lines with contiguous
+//! offsets, keeps the full summary up to date, uploads files and finally marks the run complete.
+//! The same code runs in the background thread of an online run and in `sync` for offline runs.
+//!
+//! A request that fails is re-sent byte for byte (same offsets), so retries never duplicate lines.
+//! After resuming, rows whose step the server already has are dropped: an exactly resumed run logs
+//! the same values again for the steps between its checkpoint and the crash.
+use super::api::{Client, Failure};
+use super::spool::{object_text, Record, RunInfo, SpoolReader};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const MAX_LINES: usize = 1000;
+const MAX_BYTES: usize = 8 << 20; // under W&B's 10 MiB request limit
+
+struct InFlight {
+    body: String,
+    lines: usize,
+    last_step: i64,
+    complete: bool,
+    uploaded: usize,
+}
+
+pub struct Uploader {
+    client: Client,
+    reader: SpoolReader,
+    files_dir: PathBuf,
+    /// Query the server for lines it already has (resumed runs, sync).
+    check_server: bool,
+    run: Option<RunInfo>,
+    need_upsert: bool,
+    /// (entity, project) as the server named them.
+    pub created: Option<(String, String)>,
+    offset: i64,
+    server_last_step: i64,
+    pending: VecDeque<(i64, String)>,
+    inflight: Option<InFlight>,
+    summary: BTreeMap<String, String>,
+    summary_dirty: bool,
+    files: VecDeque<String>,
+    uploaded: Vec<String>,
+    finish: Option<i32>,
+    pub complete_sent: bool,
+    pub fatal: Option<String>,
+    pub stopped: bool,
+    /// History lines read from the spool, and those the server acknowledged or already had.
+    pub lines_seen: usize,
+    pub lines_done: usize,
+    last_post: Instant,
+    heartbeat: Duration,
+}
+
+impl Uploader {
+    pub fn new(client: Client, spool: PathBuf, files_dir: PathBuf, check_server: bool, heartbeat: Duration) -> Self {
+        Self {
+            client, reader: SpoolReader::new(&spool), files_dir, check_server, run: None, need_upsert: false, created: None,
+            offset: 0, server_last_step: -1, pending: VecDeque::new(), inflight: None, summary: BTreeMap::new(),
+            summary_dirty: false, files: VecDeque::new(), uploaded: Vec::new(), finish: None, complete_sent: false,
+            fatal: None, stopped: false, lines_seen: 0, lines_done: 0, last_post: Instant::now(), heartbeat,
+        }
+    }
+
+    /// Nothing left to do: the run is complete on the server, or sending gave up.
+    pub fn done(&self) -> bool {
+        self.complete_sent || self.fatal.is_some()
+    }
+
+    pub fn run_url(&self, app_url: &str) -> Option<String> {
+        let (entity, project) = self.created.as_ref()?;
+        Some(format!("{app_url}/{entity}/{project}/runs/{}", self.run.as_ref()?.id))
+    }
+
+    fn ingest(&mut self) -> std::io::Result<()> {
+        let records = self.reader.read_new().map_err(|e| std::io::Error::other(e.to_string()))?;
+        for r in records {
+            match r {
+                Record::Run(info) => {
+                    self.check_server |= info.resumed;
+                    self.run = Some(info);
+                    self.need_upsert = true;
+                }
+                Record::History { step, values } => {
+                    self.lines_seen += 1;
+                    for (k, v) in &values {
+                        self.summary.insert(k.clone(), v.clone());
+                    }
+                    self.summary_dirty = true;
+                    self.pending.push_back((step, object_text(values.iter().map(|(k, v)| (k.as_str(), v.clone())))));
+                }
+                Record::Summary { values } => {
+                    self.summary.extend(values);
+                    self.summary_dirty = true;
+                }
+                Record::File { name } => self.files.push_back(name),
+                Record::Finish { exitcode } => self.finish = Some(exitcode),
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_run(&mut self) -> Result<(), Failure> {
+        let Some(run) = self.run.clone() else { return Ok(()) };
+        if !self.need_upsert {
+            return Ok(());
+        }
+        let config: serde_json::Map<String, Value> = match &run.config {
+            Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), json!({ "value": v }))).collect(),
+            other => [("config".to_string(), json!({ "value": other }))].into_iter().collect(),
+        };
+        let vars = json!({
+            "name": run.id, "project": run.project, "entity": run.entity, "displayName": run.display_name,
+            "notes": run.notes, "tags": run.tags, "groupName": run.group, "jobType": run.job_type,
+            "host": run.host, "program": run.program, "commit": run.commit,
+            "config": Value::Object(config).to_string(),
+        });
+        let data = self.client.upsert_bucket(vars)?;
+        let bucket = &data["upsertBucket"]["bucket"];
+        let project = bucket["project"]["name"].as_str().unwrap_or(&run.project).to_string();
+        let entity = bucket["project"]["entity"]["name"].as_str().map(String::from).or(run.entity.clone());
+        let Some(entity) = entity else {
+            return Err(Failure::Fatal { status: 200, what: "W&B did not say which entity the run belongs to; set WANDB_ENTITY".into() });
+        };
+        if self.check_server && self.created.is_none() {
+            let status = self.client.run_resume_status(&entity, &project, &run.id)?;
+            let b = &status["model"]["bucket"];
+            self.offset = b["historyLineCount"].as_i64().unwrap_or(0);
+            let summary: Value = b["summaryMetrics"].as_str().and_then(|s| serde_json::from_str(s).ok()).unwrap_or(Value::Null);
+            self.server_last_step = summary["_step"].as_i64().unwrap_or(if self.offset > 0 { i64::MAX } else { -1 });
+        }
+        self.created = Some((entity, project));
+        self.need_upsert = false;
+        Ok(())
+    }
+
+    fn upload_files(&mut self) -> Result<(), Failure> {
+        let Some((entity, project)) = self.created.clone() else { return Ok(()) };
+        let run = self.run.as_ref().unwrap().id.clone();
+        while let Some(name) = self.files.front().cloned() {
+            let data = self.client.create_run_files(&entity, &project, &run, std::slice::from_ref(&name))?;
+            let c = &data["createRunFiles"];
+            let headers: Vec<String> = c["uploadHeaders"].as_array().map(|a| a.iter().filter_map(|h| h.as_str().map(String::from)).collect()).unwrap_or_default();
+            let url = c["files"].as_array().and_then(|f| f.iter().find(|f| f["name"] == name.as_str())).and_then(|f| f["uploadUrl"].as_str()).map(String::from);
+            let Some(url) = url else {
+                return Err(Failure::Fatal { status: 200, what: format!("W&B gave no upload URL for {name}") });
+            };
+            let bytes = std::fs::read(self.files_dir.join(&name)).unwrap_or_default();
+            self.client.upload(&url, &headers, bytes)?;
+            self.files.pop_front();
+            self.uploaded.push(name);
+        }
+        Ok(())
+    }
+
+    fn summary_line(&self) -> String {
+        let runtime = self.summary.get("_runtime").and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let mut entries: Vec<(&str, String)> = self.summary.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        entries.push(("_wandb", format!("{{\"runtime\":{}}}", runtime.max(0.0) as i64)));
+        object_text(entries.into_iter())
+    }
+
+    fn next_request(&mut self) -> Option<InFlight> {
+        // Rows the server already has (a resumed run re-logging the steps after its checkpoint).
+        while self.pending.front().is_some_and(|(s, _)| *s <= self.server_last_step) {
+            self.pending.pop_front();
+            self.lines_done += 1;
+        }
+        let (mut lines, mut bytes, mut last_step) = (Vec::new(), 0, self.server_last_step);
+        while let Some((step, line)) = self.pending.front() {
+            if lines.len() >= MAX_LINES || (bytes + line.len() > MAX_BYTES && !lines.is_empty()) {
+                break;
+            }
+            bytes += line.len();
+            last_step = *step;
+            lines.push(line.clone());
+            self.pending.pop_front();
+        }
+        let drained = self.pending.is_empty() && self.files.is_empty();
+        let complete = drained && self.finish.is_some() && !self.complete_sent;
+        let heartbeat_due = self.last_post.elapsed() >= self.heartbeat && !self.complete_sent;
+        if lines.is_empty() && !self.summary_dirty && self.uploaded.is_empty() && !complete && !heartbeat_due {
+            return None;
+        }
+        let mut files = serde_json::Map::new();
+        if !lines.is_empty() {
+            files.insert("wandb-history.jsonl".into(), json!({ "offset": self.offset, "content": lines }));
+        }
+        if self.summary_dirty {
+            files.insert("wandb-summary.json".into(), json!({ "offset": 0, "content": [self.summary_line()] }));
+        }
+        let mut body = serde_json::Map::new();
+        if !files.is_empty() {
+            body.insert("files".into(), Value::Object(files));
+        }
+        if !self.uploaded.is_empty() {
+            body.insert("uploaded".into(), json!(self.uploaded));
+        }
+        if complete {
+            body.insert("complete".into(), json!(true));
+            body.insert("exitcode".into(), json!(self.finish.unwrap()));
+        }
+        self.summary_dirty = false;
+        Some(InFlight { body: Value::Object(body).to_string(), lines: lines.len(), last_step, complete, uploaded: self.uploaded.len() })
+    }
+
+    /// One round: read new spool records, create the run if needed, upload files, send one
+    /// file_stream request. `Ok(true)` if more is ready to send right away.
+    pub fn tick(&mut self) -> Result<bool, Failure> {
+        if self.done() {
+            return Ok(false);
+        }
+        self.ingest().map_err(|e| Failure::Fatal { status: 0, what: format!("cannot read the spool: {e}") })?;
+        self.ensure_run()?;
+        let Some((entity, project)) = self.created.clone() else { return Ok(false) };
+        self.upload_files()?;
+        if self.inflight.is_none() {
+            self.inflight = self.next_request();
+        }
+        let Some(req) = &self.inflight else { return Ok(false) };
+        let run = self.run.as_ref().unwrap().id.clone();
+        let resp = self.client.file_stream(&entity, &project, &run, req.body.clone())?;
+        let req = self.inflight.take().unwrap();
+        self.offset += req.lines as i64;
+        self.lines_done += req.lines;
+        self.server_last_step = self.server_last_step.max(req.last_step);
+        self.uploaded.drain(..req.uploaded);
+        self.complete_sent |= req.complete;
+        self.stopped |= resp["stopped"].as_bool().unwrap_or(false);
+        self.last_post = Instant::now();
+        Ok(!self.pending.is_empty() || (self.finish.is_some() && !self.complete_sent))
+    }
+}
