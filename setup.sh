@@ -6,6 +6,8 @@
 #                              (MOE_RESUME=runs/<exp>/<time> continues a run from its latest checkpoint)
 #   bash setup.sh generate RUN [PROMPT] [NB]
 #                              sample from a saved run's latest checkpoint (NB's training cells skipped)
+#   bash setup.sh wandb-sync RUN
+#                              upload a run's W&B spool (WANDB_MODE=offline runs, or failed uploads)
 #   bash setup.sh test         set up, then run the whole test suite (what CI runs)
 #   bash setup.sh lab          set up, then start JupyterLab with the Rust kernel
 #   bash setup.sh env          print the environment exports, for `eval "$(bash setup.sh env)"`
@@ -151,6 +153,11 @@ case "$cmd" in
     out="$(mktemp -d)/generate.ipynb"
     say "generating from $1 with $nb (training cells skipped; executed notebook: $out)"
     MOE_RESUME="$1" MOE_PROMPT="${2:-}" exec "$VENV/bin/python" helpers/scripts/run_notebook.py "$nb" --skip-tag train --out "$out" ;;
+  wandb-sync)
+    [ -n "${1:-}" ] || die "usage: bash setup.sh wandb-sync RUN_DIR"
+    [ -d "$1" ] || die "$1 is not a directory; pass a run directory (runs/<experiment>/<time>)"
+    setup
+    exec cargo run --quiet -p helpers --bin wandb-sync -- "$1" ;;
   test)
     setup
     say "cargo test (helpers)"
@@ -168,5 +175,5 @@ case "$cmd" in
     printf 'export VIRTUAL_ENV=%q PATH=%q LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH=%q JUPYTER_PATH=%q\n' \
       "$VIRTUAL_ENV" "$PATH" "$LD_LIBRARY_PATH" "$JUPYTER_PATH" ;;
   *)
-    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], generate RUN [PROMPT], test, lab, env" ;;
+    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], generate RUN [PROMPT], wandb-sync RUN, test, lab, env" ;;
 esac

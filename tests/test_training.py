@@ -4,6 +4,7 @@ made of the experiment's own cells plus one test cell, activation checkpointing 
 lower peak memory), bf16 mixed precision on CPU, Muon's parameter split and the KV cache."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from fake_wandb import KEY, FakeWandb
 from test_notebooks import ROOT, RUNNER, run_notebook
 
 EXPERIMENT = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
@@ -49,11 +51,54 @@ def processes_with_env(var: str, value: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def wandb_server():
+    fake = FakeWandb()
+    yield fake
+    fake.close()
+
+
+def wandb_env(fake: FakeWandb) -> dict:
+    return {"WANDB_API_KEY": KEY, "WANDB_BASE_URL": fake.url, "WANDB_PROJECT": "moe-tests", "WANDB_MODE": "online",
+            "MOE_SECRETS": os.devnull}
+
+
+def wandb_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "checkpoints" / "step-00000014" / "state.json").read_text())["wandb_run_id"]
+
+
+def no_key_in(run_dir: Path):
+    for p in run_dir.rglob("*"):
+        if p.is_file():
+            assert KEY.encode() not in p.read_bytes(), f"the W&B key is in {p}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, wandb_server):
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    proc = run_notebook(EXPERIMENT, run_dir, MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=TINY)
+    proc = run_notebook(EXPERIMENT, run_dir, MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=TINY, **wandb_env(wandb_server))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
+
+
+def test_run_is_logged_to_wandb(uninterrupted, wandb_server):
+    run_dir, proc = uninterrupted
+    run_id = wandb_id(run_dir)
+    assert f"/fake-entity/moe-tests/runs/{run_id}" in proc.stdout
+    assert wandb_server.violations == []
+    r = wandb_server.runs[run_id]
+    assert wandb_server.steps(run_id) == list(range(0, int(STEPS) + 1)), "every metrics row, once, in order"
+    local = rows(run_dir)
+    assert [h.get("train.loss") for h in r["history"]] == [x.get("train.loss") for x in local]
+    cfg = r["upserts"][0]["config"]
+    assert cfg["train"]["value"]["max_steps"] == int(STEPS) and cfg["model"]["value"]["num_hidden_layers"] == 2
+    assert cfg["parameters"]["value"]["total"] > cfg["parameters"]["value"]["active"] > 0
+    assert len(cfg["git"]["value"]["commit"]) == 40 and isinstance(cfg["git"]["value"]["dirty"], bool)
+    assert r["upserts"][0]["commit"] == cfg["git"]["value"]["commit"]
+    assert r["summary"]["val.loss"] == local[-1]["val.loss"] and r["summary"]["_step"] == int(STEPS)
+    assert r["complete"] == 0
+    assert set(r["uploaded"]) >= {"config.yaml", "training_curves.png"}
+    assert r["files"]["training_curves.png"][:4] == b"\x89PNG"
+    no_key_in(run_dir)
 
 
 def test_run_writes_checkpoints_results_and_metrics(uninterrupted):
@@ -91,11 +136,11 @@ def test_run_writes_checkpoints_results_and_metrics(uninterrupted):
         "the curves are shown inline"
 
 
-def test_sigkill_then_resume_repeats_the_uninterrupted_run_bit_for_bit(uninterrupted, tmp_path):
+def test_sigkill_then_resume_repeats_the_uninterrupted_run_bit_for_bit(uninterrupted, tmp_path, wandb_server):
     reference, _ = uninterrupted
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
-    env.update(MOE_RUN_DIR=str(run_dir), MOE_DEVICE="cpu", MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=TINY)
+    env.update(MOE_RUN_DIR=str(run_dir), MOE_DEVICE="cpu", MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=TINY, **wandb_env(wandb_server))
     proc = subprocess.Popen([sys.executable, str(RUNNER), str(EXPERIMENT)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 900
@@ -111,10 +156,16 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run_bit_for_bit(uninterru
     proc.wait(timeout=60)
     killed_at = max(r["step"] for r in rows(run_dir))
     assert 10 <= killed_at < int(STEPS)
-    resumed = run_notebook(EXPERIMENT, run_dir, MOE_RESUME=str(run_dir), MOE_SET=TINY)
+    resumed = run_notebook(EXPERIMENT, run_dir, MOE_RESUME=str(run_dir), MOE_SET=TINY, **wandb_env(wandb_server))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and ("(step 8," in resumed.stdout or "(step 12," in resumed.stdout)
     assert comparable(run_dir) == comparable(reference)
+    # The same W&B run continues: every step once, in order, and it ends complete.
+    run_id = wandb_id(run_dir)
+    assert len(wandb_server.runs[run_id]["upserts"]) == 2
+    assert wandb_server.steps(run_id) == list(range(0, int(STEPS) + 1))
+    assert wandb_server.runs[run_id]["complete"] == 0 and wandb_server.violations == []
+    no_key_in(run_dir)
 
 
 def test_resume_with_a_different_model_is_an_error_naming_the_field(uninterrupted, tmp_path):
@@ -309,3 +360,37 @@ def test_muon_takes_hidden_matrices_only(machinery):
 def test_kv_cache_generation(machinery):
     assert machinery["kv_cache_equal"] is True
     assert machinery["eos_stop_len"] == 1
+
+
+def test_wandb_sync_command_uploads_a_spool(uninterrupted, tmp_path):
+    """`setup.sh wandb-sync` replays a run's spool (here: the 14-step run's, to a fresh server) and
+    produces the same W&B run; a second sync has nothing to do."""
+    run_dir, _ = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "wandb", copy / "wandb")
+    (copy / "wandb" / "synced").unlink()
+    fresh = FakeWandb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOE_", "WANDB_"))}
+    env.update(wandb_env(fresh))
+    try:
+        cmd = ["bash", str(ROOT / "setup.sh"), "wandb-sync", str(copy)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        print(proc.stdout[-2000:], proc.stderr[-2000:])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        run_id = wandb_id(run_dir)
+        assert fresh.steps(run_id) == list(range(0, int(STEPS) + 1))
+        assert fresh.runs[run_id]["complete"] == 0 and fresh.violations == []
+        assert "wandb-sync: 15 rows in the spool, 15 on the server, run complete" in proc.stdout
+        again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and "already uploaded" in again.stdout
+        env.pop("WANDB_API_KEY")
+        env.pop("WANDB_MODE")
+        # No ~/.netrc either (cargo and rustup keep their homes).
+        env.setdefault("CARGO_HOME", str(Path.home() / ".cargo"))
+        env.setdefault("RUSTUP_HOME", str(Path.home() / ".rustup"))
+        env["HOME"] = str(tmp_path)
+        (copy / "wandb" / "synced").unlink()
+        nokey = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert nokey.returncode == 1 and "no W&B API key" in nokey.stderr
+    finally:
+        fresh.close()

@@ -65,7 +65,7 @@ impl Client {
             .send()
             .map_err(|e| Failure::Transient { what: format!("cannot reach {url}: {}", without_url(&e)), retry_after: None })?;
         let status = resp.status().as_u16();
-        let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<f64>().ok()).map(Duration::from_secs_f64);
+        let retry_after = retry_after(&resp);
         let text = resp.text().unwrap_or_default();
         if status == 200 {
             return serde_json::from_str(&text).or_else(|_| Ok(Value::Null));
@@ -113,9 +113,14 @@ impl Client {
         if (200..300).contains(&status) {
             return Ok(());
         }
-        let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<f64>().ok()).map(Duration::from_secs_f64);
+        let retry_after = retry_after(&resp);
         Err(classify(status, retry_after, "the file upload URL", &resp.text().unwrap_or_default()))
     }
+}
+
+/// The `Retry-After` header in seconds (W&B sends seconds, not an HTTP date).
+fn retry_after(resp: &reqwest::blocking::Response) -> Option<Duration> {
+    resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<f64>().ok()).map(Duration::from_secs_f64)
 }
 
 /// reqwest's error text without the URL (a pre-signed upload URL carries a credential of its own).
