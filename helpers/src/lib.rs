@@ -5,6 +5,8 @@
 //! - [`runtime`]: load libtorch (and its CUDA library), choose the device and the thread count.
 //! - [`data`]: the bundled-data pipeline: tokenize a JSONL corpus once (cached), split train /
 //!   validation by documents, cut batches of token windows.
+//! - [`shards`]: binary token shards (header, document boundaries), memory-mapped, and a loader
+//!   whose order depends only on (seed, position), split across ranks, with a prefetch thread.
 //! - [`run`]: run directories (config, metrics JSONL, weights), atomic writes, timestamps.
 //! - [`config`]: overrides of config fields from environment variables, for headless runs.
 //! - [`hf`]: Hugging Face OLMoE checkpoints: `config.json` into the notebook's config, safetensors
@@ -35,6 +37,7 @@ pub mod perf;
 pub mod plot;
 pub mod run;
 pub mod runtime;
+pub mod shards;
 pub mod wandb;
 
 pub use config::{env_parse, Overrides};
