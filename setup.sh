@@ -23,8 +23,8 @@ VENV="$ROOT/.venv"
 EVCXR_VERSION="0.22.0"
 EVCXR_BIN="${CARGO_HOME:-$HOME/.cargo}/bin/evcxr_jupyter"
 # Python packages, pinned. torch 2.13.0 is what tch 0.26.0 binds; transformers is the reference
-# implementation the parity tests compare against.
-PY_PKGS=(torch==2.13.0 transformers==5.23.0 jupyterlab==4.6.6 nbclient==0.11.0 nbformat==5.11.1 pytest==9.2.0)
+# implementation the parity tests compare against; pyarrow writes the parquet files the data tests serve.
+PY_PKGS=(torch==2.13.0 transformers==5.23.0 jupyterlab==4.6.6 nbclient==0.11.0 nbformat==5.11.1 pytest==9.2.0 pyarrow==26.0.1)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }

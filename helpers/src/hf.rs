@@ -32,25 +32,9 @@ pub fn resolve(id_or_dir: &str) -> Result<PathBuf> {
         id.split('/').count() == 2 && !id.starts_with('/') && !id.starts_with('.'),
         "{id_or_dir:?} is neither an existing directory nor a hub id like allenai/OLMoE-1B-7B-0924[@revision]"
     );
-    let repo = hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, revision.to_string());
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes")).unwrap_or(false);
-    let fetch: Box<dyn Fn(&str) -> Result<Option<PathBuf>>> = if offline {
-        let cache = hf_hub::Cache::from_env().repo(repo.clone());
-        Box::new(move |f: &str| Ok(cache.get(f)))
-    } else {
-        let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true);
-        if let Ok(token) = std::env::var("HF_TOKEN") {
-            if !token.trim().is_empty() {
-                builder = builder.with_token(Some(token.trim().to_string()));
-            }
-        }
-        let api = builder.build().with_cause(|| "cannot set up the Hugging Face hub client".into())?.repo(repo.clone());
-        Box::new(move |f: &str| match api.get(f) {
-            Ok(p) => Ok(Some(p)),
-            Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
-            Err(e) => Err(anyhow::anyhow!("downloading {f} of {id_or_dir} failed: {e}")),
-        })
-    };
+    let hub = Hub::new(id, hf_hub::RepoType::Model, revision)?;
+    let fetch = |f: &str| hub.get(f);
+    let offline = hub.offline;
     let where_ = if offline { "in the local hub cache (HF_HUB_OFFLINE=1; run once online, or pass a local directory)" } else { "on the hub" };
     let config = fetch("config.json")?.with_context(|| format!("{id_or_dir}: config.json not found {where_}"))?;
     if fetch("model.safetensors")?.is_none() {
@@ -61,6 +45,86 @@ pub fn resolve(id_or_dir: &str) -> Result<PathBuf> {
         }
     }
     Ok(config.parent().context("hub cache path has no parent")?.to_path_buf())
+}
+
+/// `HF_HUB_OFFLINE` set to 1/true/yes: use only the local hub cache.
+pub fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "YES")).unwrap_or(false)
+}
+
+/// One hub repository (model or dataset) at a revision, through `hf-hub`: files land in the hub
+/// cache (`$HF_HOME/hub`, resuming a `.part` file left by an interrupted download), `HF_ENDPOINT`
+/// and `HF_TOKEN` (or `$HF_HOME/token`) are honoured, and `HF_HUB_OFFLINE=1` turns every lookup
+/// into a cache-only one that never touches the network.
+pub struct Hub {
+    pub id: String,
+    pub revision: String,
+    pub offline: bool,
+    repo: hf_hub::Repo,
+    api: Option<hf_hub::api::sync::ApiRepo>,
+}
+
+impl Hub {
+    pub fn new(id: &str, kind: hf_hub::RepoType, revision: &str) -> Result<Self> {
+        Self::with_retries(id, kind, revision, 3)
+    }
+
+    /// `retries`: how many times a failed transfer is resumed before giving up (0: fail at once).
+    pub fn with_retries(id: &str, kind: hf_hub::RepoType, revision: &str, retries: usize) -> Result<Self> {
+        let repo = hf_hub::Repo::with_revision(id.to_string(), kind, revision.to_string());
+        let offline = offline();
+        let api = if offline {
+            None
+        } else {
+            let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).with_retries(retries);
+            if let Ok(token) = std::env::var("HF_TOKEN") {
+                if !token.trim().is_empty() {
+                    builder = builder.with_token(Some(token.trim().to_string()));
+                }
+            }
+            Some(builder.build().with_cause(|| "cannot set up the Hugging Face hub client".into())?.repo(repo.clone()))
+        };
+        Ok(Self { id: id.to_string(), revision: revision.to_string(), offline, repo, api })
+    }
+
+    /// The local path of `file` (downloaded if needed), `None` if the repository has no such file.
+    pub fn get(&self, file: &str) -> Result<Option<PathBuf>> {
+        let Some(api) = &self.api else {
+            return Ok(hf_hub::Cache::from_env().repo(self.repo.clone()).get(file));
+        };
+        match api.get(file) {
+            Ok(p) => Ok(Some(p)),
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("downloading {file} of {}@{} failed: {e}; run again to resume", self.id, self.revision)),
+        }
+    }
+
+    /// Every file of the repository at this revision (the hub's file list; offline, the files the
+    /// cache holds for it).
+    pub fn list(&self) -> Result<Vec<String>> {
+        let Some(api) = &self.api else {
+            let base = hf_hub::Cache::from_env().path().join(self.repo.folder_name());
+            let commit = std::fs::read_to_string(base.join("refs").join(&self.revision)).unwrap_or_else(|_| self.revision.clone());
+            let snapshot = base.join("snapshots").join(commit.trim());
+            let mut out = Vec::new();
+            walk(&snapshot, &snapshot, &mut out);
+            out.sort();
+            return Ok(out);
+        };
+        let info = api.info().map_err(|e| anyhow::anyhow!("cannot list the files of {}@{} on the hub: {e}", self.id, self.revision))?;
+        Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(root, &p, out);
+        } else if let Ok(rel) = p.strip_prefix(root) {
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
 }
 
 fn weight_files_listed(index: &Path) -> Result<Vec<String>> {

@@ -3,8 +3,9 @@
 //!
 //! One module per concern, each small enough to read in one sitting:
 //! - [`runtime`]: load libtorch (and its CUDA library), choose the device and the thread count.
-//! - [`data`]: the bundled-data pipeline: tokenize a JSONL corpus once (cached), split train /
-//!   validation by documents, cut batches of token windows.
+//! - [`data`]: the tokenizer (OLMoE's by default) and the bundled data's paths.
+//! - [`prepare`]: pretraining data from nothing to shards: hub dataset downloads (resumable,
+//!   offline mode), parquet / JSONL text with filters, parallel tokenization into shards.
 //! - [`shards`]: binary token shards (header, document boundaries), memory-mapped, and a loader
 //!   whose order depends only on (seed, position), split across ranks, with a prefetch thread.
 //! - [`run`]: run directories (config, metrics JSONL, weights), atomic writes, timestamps.
@@ -35,13 +36,14 @@ pub mod memory;
 pub mod optim;
 pub mod perf;
 pub mod plot;
+pub mod prepare;
 pub mod run;
 pub mod runtime;
 pub mod shards;
 pub mod wandb;
 
 pub use config::{env_parse, Overrides};
-pub use data::{Corpus, Tokenizer};
+pub use data::Tokenizer;
 pub use run::{project_root, MetricsLog, RunDir};
 pub use runtime::Runtime;
 

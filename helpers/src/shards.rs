@@ -56,14 +56,16 @@ impl ShardWriter {
 
     /// Appends one document's token ids (EOS included by the caller).
     pub fn push(&mut self, ids: &[u32]) -> Result<()> {
+        let mut bytes = Vec::with_capacity(ids.len() * self.dtype as usize);
         for &id in ids {
             if self.dtype == 2 {
                 ensure!(id < 1 << 16, "token id {id} does not fit the shard's u16 ids");
-                self.file.write_all(&(id as u16).to_le_bytes())?;
+                bytes.extend_from_slice(&(id as u16).to_le_bytes());
             } else {
-                self.file.write_all(&id.to_le_bytes())?;
+                bytes.extend_from_slice(&id.to_le_bytes());
             }
         }
+        self.file.write_all(&bytes)?;
         self.n_tokens += ids.len() as u64;
         self.doc_ends.push(self.n_tokens);
         Ok(())
@@ -218,6 +220,22 @@ impl Loader {
         let t = Tensor::from_slice(&flat).view([batch as i64, s + 1]);
         (t.narrow(1, 0, s), t.narrow(1, 1, s))
     }
+}
+
+/// Evaluation batches: the first `max_batches` x `batch` windows of `shards` in order (not
+/// permuted), as (inputs, targets) of shape (B, S) on `device`. Fewer if the shards are short;
+/// an error if they hold less than one batch.
+pub fn eval_batches(shards: Vec<Shard>, batch: usize, seq_len: usize, max_batches: usize, device: Device) -> Result<Vec<(Tensor, Tensor)>> {
+    let loader = Loader::new(shards, seq_len, 0)?;
+    let n = (loader.windows() as usize / batch.max(1)).min(max_batches);
+    ensure!(n > 0, "the validation shards hold {} windows of {} tokens, fewer than one batch of {batch}", loader.windows(), seq_len + 1);
+    Ok((0..n)
+        .map(|i| {
+            let flat: Vec<i64> = (0..batch).flat_map(|j| loader.window((i * batch + j) as u64)).collect();
+            let t = Tensor::from_slice(&flat).view([batch as i64, seq_len as i64 + 1]).to_device(device);
+            (t.narrow(1, 0, seq_len as i64), t.narrow(1, 1, seq_len as i64))
+        })
+        .collect())
 }
 
 /// Batches prepared by a background thread, so loading never stalls a GPU step.
