@@ -92,11 +92,22 @@ impl Hub {
         let Some(api) = &self.api else {
             return Ok(hf_hub::Cache::from_env().repo(self.repo.clone()).get(file));
         };
-        match api.get(file) {
+        // As ApiRepo::get (the cache first), with progress a notebook can show.
+        if let Some(p) = hf_hub::Cache::from_env().repo(self.repo.clone()).get(file) {
+            return Ok(Some(p));
+        }
+        match api.download_with_progress(file, crate::progress::Progress::new(file, None, "bytes")) {
             Ok(p) => Ok(Some(p)),
             Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
             Err(e) => Err(anyhow::anyhow!("downloading {file} of {}@{} failed: {e}; run again to resume", self.id, self.revision)),
         }
+    }
+
+    /// The same repository through the cache only (as with `HF_HUB_OFFLINE=1`).
+    pub fn cache_only(mut self) -> Self {
+        self.api = None;
+        self.offline = true;
+        self
     }
 
     /// Every file of the repository at this revision (the hub's file list; offline, the files the

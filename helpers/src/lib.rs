@@ -6,6 +6,7 @@
 //! - [`data`]: the tokenizer (OLMoE's by default) and the bundled data's paths.
 //! - [`prepare`]: pretraining data from nothing to shards: hub dataset downloads (resumable,
 //!   offline mode), parquet / JSONL text with filters, parallel tokenization into shards.
+//! - [`progress`]: progress bars in a terminal, periodic lines in notebooks and logs.
 //! - [`shards`]: binary token shards (header, document boundaries), memory-mapped, and a loader
 //!   whose order depends only on (seed, position), split across ranks, with a prefetch thread.
 //! - [`run`]: run directories (config, metrics JSONL, weights), atomic writes, timestamps.
@@ -37,6 +38,7 @@ pub mod optim;
 pub mod perf;
 pub mod plot;
 pub mod prepare;
+pub mod progress;
 pub mod run;
 pub mod runtime;
 pub mod shards;

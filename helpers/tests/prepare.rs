@@ -97,8 +97,10 @@ fn downloads_a_dataset_with_resume_and_offline_mode() {
     // Nothing matching is a clear error; offline mode lists and returns the cache without a request.
     let e = prepare::download("test-org/tiny-web", "sample/350BT/*.parquet", None).unwrap_err().to_string();
     assert!(e.contains("no file of dataset test-org/tiny-web matches \"sample/350BT/*.parquet\" on the hub"), "{e}");
-    std::env::set_var("HF_HUB_OFFLINE", "1");
     let n = hub.requests.lock().unwrap().len();
+    assert_eq!(prepare::cached("test-org/tiny-web", "sample/10BT/*.parquet", Some(1)).unwrap(), paths[..1]);
+    assert_eq!(hub.requests.lock().unwrap().len(), n, "cached() must not touch the network");
+    std::env::set_var("HF_HUB_OFFLINE", "1");
     assert_eq!(prepare::download("test-org/tiny-web", "sample/10BT/*.parquet", None).unwrap(), paths);
     assert_eq!(hub.requests.lock().unwrap().len(), n, "offline mode must not touch the network");
     let e = prepare::download("test-org/never", "*.parquet", None).unwrap_err().to_string();

@@ -31,19 +31,35 @@ pub fn download(repo: &str, pattern: &str, max_files: Option<usize>) -> Result<V
 
 /// [`download`] with the number of times a broken transfer is resumed before giving up.
 pub fn download_with_retries(repo: &str, pattern: &str, max_files: Option<usize>, retries: usize) -> Result<Vec<PathBuf>> {
+    let (id, revision) = split_id(repo)?;
+    fetch(repo, pattern, max_files, Hub::with_retries(id, hf_hub::RepoType::Dataset, revision, retries)?)
+}
+
+/// The local paths of the files [`download`] fetched, from the hub cache only (no network).
+pub fn cached(repo: &str, pattern: &str, max_files: Option<usize>) -> Result<Vec<PathBuf>> {
+    let (id, revision) = split_id(repo)?;
+    fetch(repo, pattern, max_files, Hub::new(id, hf_hub::RepoType::Dataset, revision)?.cache_only())
+}
+
+fn split_id(repo: &str) -> Result<(&str, &str)> {
     let (id, revision) = repo.split_once('@').unwrap_or((repo, "main"));
     ensure!(id.split('/').count() == 2 && !id.contains(' '), "{repo:?} is not a hub dataset id like {FINEWEB_EDU}[@revision]");
-    let hub = Hub::with_retries(id, hf_hub::RepoType::Dataset, revision, retries)?;
+    Ok((id, revision))
+}
+
+fn fetch(repo: &str, pattern: &str, max_files: Option<usize>, hub: Hub) -> Result<Vec<PathBuf>> {
     let mut files: Vec<String> = hub.list()?.into_iter().filter(|f| glob(pattern, f)).collect();
     files.sort();
     if let Some(n) = max_files {
         files.truncate(n);
     }
-    let where_ = if hub.offline { "in the local hub cache (HF_HUB_OFFLINE=1: download once online first)" } else { "on the hub" };
+    let where_ = if hub.offline { "in the local hub cache (HF_HUB_OFFLINE=1, or nothing downloaded yet: download first)" } else { "on the hub" };
     ensure!(!files.is_empty(), "no file of dataset {repo} matches {pattern:?} {where_}");
     let mut out = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
-        eprintln!("[{}/{}] {repo}: {f}", i + 1, files.len());
+        if !hub.offline {
+            eprintln!("[{}/{}] {repo}: {f}", i + 1, files.len());
+        }
         let p = hub.get(f)?.ok_or_else(|| anyhow::anyhow!("{repo}: {f} not found {where_}"))?;
         out.push(p);
     }

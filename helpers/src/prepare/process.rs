@@ -10,6 +10,7 @@
 //! Each input becomes one shard, written as `.tmp` and renamed when complete, so a rerun skips the
 //! finished ones, redoes one left half-written by a crash, and picks up input files added since.
 use super::source::{Documents, Filter};
+use crate::progress::Progress;
 use crate::shards::{self, Shard, ShardWriter};
 use crate::WithCause;
 use anyhow::{ensure, Result};
@@ -76,7 +77,7 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}: {} input file(s), {} already done; this run tokenized {} of {} documents into {} tokens ({} validation) in {:.1}s: {:.0} tokens/s, {:.2} MB of text/s; {} training tokens in all",
+            "{}: {} input file(s), {} already done; this run tokenized {} of {} documents into {} tokens ({} validation) in {:.2}s: {:.0} tokens/s, {:.2} MB of text/s; {} training tokens in all",
             self.out_dir.display(),
             self.files,
             self.skipped_files,
@@ -205,7 +206,8 @@ impl Process {
         sum: &mut Summary,
     ) -> Result<()> {
         let mut docs = Documents::open(file, &self.text_column, &self.filter)?;
-        let bar = self.bar(docs.rows(), &format!("[{}/{n_files}] {}", index + 1, file.file_name().unwrap_or_default().to_string_lossy()));
+        let label = format!("[{}/{n_files}] {}", index + 1, file.file_name().unwrap_or_default().to_string_lossy());
+        let mut bar = if self.progress { Progress::new(&label, docs.rows(), "docs") } else { Progress::hidden() };
         let mut train_w = ShardWriter::create(train, tok.vocab_size, identity)?;
         let mut val_w = val.map(|v| ShardWriter::create(v, tok.vocab_size, identity)).transpose()?;
         let (mut val_tokens, eos) = (0u64, tok.eos_id as u32);
@@ -250,7 +252,6 @@ impl Process {
             for msg in rx {
                 let (batch, seen) = msg?;
                 if seen > 0 {
-                    bar.set_position(seen);
                     sum.docs_read += seen - seen_total;
                     seen_total = seen;
                 }
@@ -278,8 +279,8 @@ impl Process {
                 }
                 sum.docs_kept += encs.len() as u64;
                 let secs = t0.elapsed().as_secs_f64().max(1e-9);
-                bar.set_message(format!(
-                    "{:.2}M tokens, {:.0}k tokens/s, {:.1} MB/s",
+                bar.set(seen_total, format!(
+                    "docs, {:.2}M tokens, {:.0}k tokens/s, {:.1} MB/s",
                     tokens as f64 / 1e6,
                     tokens as f64 / secs / 1e3,
                     bytes as f64 / 1e6 / secs
@@ -297,21 +298,6 @@ impl Process {
         sum.val_tokens += val_tokens;
         sum.text_bytes += bytes;
         Ok(())
-    }
-
-    fn bar(&self, rows: Option<u64>, prefix: &str) -> indicatif::ProgressBar {
-        if !self.progress {
-            return indicatif::ProgressBar::hidden();
-        }
-        let bar = match rows {
-            Some(n) => indicatif::ProgressBar::new(n),
-            None => indicatif::ProgressBar::new_spinner(),
-        };
-        let style = indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} docs [{elapsed_precise}<{eta_precise}] {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-        bar.set_style(style);
-        bar.set_prefix(prefix.to_string());
-        bar
     }
 }
 
