@@ -8,6 +8,11 @@
 #                              sample from a saved run's latest checkpoint (NB's training cells skipped)
 #   bash setup.sh wandb-sync RUN
 #                              upload a run's W&B spool (WANDB_MODE=offline runs, or failed uploads)
+#   bash setup.sh data download|process|info ...
+#                              pretraining data: FineWeb-Edu (or any hub dataset / parquet / JSONL)
+#                              into token shards (`bash setup.sh data --help`)
+#   bash setup.sh bench-tokenize [FILE]
+#                              tokenization throughput: this build vs the Python tokenizers binding
 #   bash setup.sh test         set up, then run the whole test suite (what CI runs)
 #   bash setup.sh lab          set up, then start JupyterLab with the Rust kernel
 #   bash setup.sh env          print the environment exports, for `eval "$(bash setup.sh env)"`
@@ -158,6 +163,12 @@ case "$cmd" in
     [ -d "$1" ] || die "$1 is not a directory; pass a run directory (runs/<experiment>/<time>)"
     setup
     exec cargo run --quiet -p helpers --bin wandb-sync -- "$1" ;;
+  data)
+    setup >&2
+    exec cargo run --quiet -p helpers --bin data -- "$@" ;;
+  bench-tokenize)
+    setup
+    exec "$VENV/bin/python" helpers/scripts/bench_tokenize.py "$@" ;;
   test)
     setup
     say "cargo test (helpers)"
@@ -175,5 +186,5 @@ case "$cmd" in
     printf 'export VIRTUAL_ENV=%q PATH=%q LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH=%q JUPYTER_PATH=%q\n' \
       "$VIRTUAL_ENV" "$PATH" "$LD_LIBRARY_PATH" "$JUPYTER_PATH" ;;
   *)
-    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], generate RUN [PROMPT], wandb-sync RUN, test, lab, env" ;;
+    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], generate RUN [PROMPT], wandb-sync RUN, data ..., bench-tokenize [FILE], test, lab, env" ;;
 esac
