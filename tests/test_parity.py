@@ -54,17 +54,22 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
         let g = var.grad();
         out.push((format!("grad.{name}"), if g.defined() { g.copy() } else { var.zeros_like() })); // an expert no token chose
     }
-    // The readable per-expert loop must agree with the sorted path (the default, used above).
-    let lcfg = ModelConfig { moe_impl: MoeImpl::Loop, ..pcfg.clone() };
-    let lvs = nn::VarStore::new(Device::Cpu);
-    let lmodel = OlmoeForCausalLM::new(&lvs, &lcfg);
-    helpers::hf::load_weights(&dir, &lvs)?;
-    let (llogits, lrouters) = lmodel.forward(x);
-    (cross_entropy(&llogits, y) + load_balancing_loss(&lrouters, lcfg.num_experts, lcfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * AUX_COEF).backward();
-    out.push(("loop.logits".into(), llogits.detach()));
-    for (name, var) in lvs.variables() {
-        let g = var.grad();
-        out.push((format!("loop.grad.{name}"), if g.defined() { g } else { var.zeros_like() }));
+    // Every expert path must agree with the default one (auto, used above): the readable
+    // per-expert loop, the sorted per-expert matmuls, the grouped matmuls.
+    for (tag, moe_impl) in [("loop", MoeImpl::Loop), ("sorted", MoeImpl::Sorted), ("grouped", MoeImpl::Grouped)] {
+        let lcfg = ModelConfig { moe_impl, ..pcfg.clone() };
+        let lvs = nn::VarStore::new(Device::Cpu);
+        let lmodel = OlmoeForCausalLM::new(&lvs, &lcfg);
+        helpers::hf::load_weights(&dir, &lvs)?;
+        // The grouped matmuls must really run here (not their per-expert fallback).
+        assert!(tag != "grouped" || lmodel.moe_blocks()[0].grouped_applies(&Tensor::zeros([1, pcfg.hidden_size], (Kind::Float, Device::Cpu))));
+        let (llogits, lrouters) = lmodel.forward(x);
+        (cross_entropy(&llogits, y) + load_balancing_loss(&lrouters, lcfg.num_experts, lcfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * AUX_COEF).backward();
+        out.push((format!("{tag}.logits"), llogits.detach()));
+        for (name, var) in lvs.variables() {
+            let g = var.grad();
+            out.push((format!("{tag}.grad.{name}"), if g.defined() { g } else { var.zeros_like() }));
+        }
     }
     // LFLB: the bias chooses, the unbiased softmax weighs. A bias equal for all experts changes
     // nothing; a large bias on expert 0 puts it in every token's top-K.
@@ -301,13 +306,14 @@ def test_export_round_trip_through_transformers(parity_runs, case, tmp_path):
     assert tok.eos_token_id == 50279
 
 
+@pytest.mark.parametrize("path", ["loop", "sorted", "grouped"])
 @pytest.mark.parametrize("case", CASES)
-def test_sorted_expert_path_equals_the_reference_loop(parity_runs, case):
+def test_expert_paths_equal_the_default(parity_runs, case, path):
     _, ours = parity_runs[case]
-    diff = (ours["logits"] - ours["loop.logits"]).abs().max().item()
+    diff = (ours["logits"] - ours[f"{path}.logits"]).abs().max().item()
     grads = [k for k in ours if k.startswith("grad.")]
-    worst = max(rel(ours[k], ours["loop." + k]) for k in grads)
-    print(f"{case}: sorted vs loop logits max abs diff {diff:.2e}, worst gradient relative difference {worst:.2e}")
+    worst = max(rel(ours[k], ours[f"{path}.{k}"]) for k in grads)
+    print(f"{case}: {path} vs auto logits max abs diff {diff:.2e}, worst gradient relative difference {worst:.2e}")
     assert diff <= 1e-6 and worst <= 1e-5
 
 
