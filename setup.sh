@@ -13,6 +13,8 @@
 #                              into token shards (`bash setup.sh data --help`)
 #   bash setup.sh bench-tokenize [FILE]
 #                              tokenization throughput: this build vs the Python tokenizers binding
+#   bash setup.sh bench [--presets cpu,cpu-e64] [--repeats 5]
+#                              speed: the notebook's model vs transformers (step, MoE layer, MFU)
 #   bash setup.sh test         set up, then run the whole test suite (what CI runs)
 #   bash setup.sh lab          set up, then start JupyterLab with the Rust kernel
 #   bash setup.sh env          print the environment exports, for `eval "$(bash setup.sh env)"`
@@ -166,6 +168,9 @@ case "$cmd" in
   data)
     setup >&2
     exec cargo run --quiet -p helpers --bin data -- "$@" ;;
+  bench)
+    setup
+    exec "$VENV/bin/python" helpers/scripts/bench_moe.py "$@" ;;
   bench-tokenize)
     setup
     exec "$VENV/bin/python" helpers/scripts/bench_tokenize.py "$@" ;;
@@ -186,5 +191,5 @@ case "$cmd" in
     printf 'export VIRTUAL_ENV=%q PATH=%q LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH=%q JUPYTER_PATH=%q\n' \
       "$VIRTUAL_ENV" "$PATH" "$LD_LIBRARY_PATH" "$JUPYTER_PATH" ;;
   *)
-    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], generate RUN [PROMPT], wandb-sync RUN, data ..., bench-tokenize [FILE], test, lab, env" ;;
+    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], generate RUN [PROMPT], wandb-sync RUN, data ..., bench, bench-tokenize [FILE], test, lab, env" ;;
 esac

@@ -1,6 +1,6 @@
-//! Memory measurements of this process (Linux): resident set size now and its peak since the last
-//! reset. Used to show what activation checkpointing saves on CPU; on CUDA the device's memory is
-//! what matters and libtorch's statistics are not bound by tch.
+//! Memory: measurements of this process (Linux: resident set size now and its peak since the last
+//! reset; on CUDA the device's memory is what matters and libtorch's statistics are not bound by
+//! tch), and [`estimate`]: what a training configuration needs per device before you launch it.
 use anyhow::{Context, Result};
 
 fn status_kib(field: &str) -> Result<u64> {
@@ -24,4 +24,162 @@ pub fn peak_rss_bytes() -> Result<u64> {
 /// Resets the peak to the current RSS (writes 5 to /proc/self/clear_refs, Linux >= 4.0).
 pub fn reset_peak_rss() -> Result<()> {
     std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS (/proc/self/clear_refs)")
+}
+
+/// The model's shape, as far as memory is concerned (the notebook's `ModelConfig` fields).
+#[derive(Clone, Debug)]
+pub struct ModelShape {
+    pub vocab: i64,
+    pub hidden: i64,
+    pub layers: i64,
+    pub experts: i64,
+    pub top_k: i64,
+    pub intermediate: i64,
+    pub shared_experts: i64,
+    pub dense_layers: i64,
+    pub dense_intermediate: i64,
+}
+
+/// How the model is trained, as far as memory is concerned.
+#[derive(Clone, Debug)]
+pub struct TrainShape {
+    pub micro_batch: i64,
+    pub seq_len: i64,
+    /// Bytes per element of weights, gradients and activations: 4 (fp32) or 2 (bf16).
+    pub compute_bytes: i64,
+    /// fp32 master weights kept by the optimizer (bf16-mixed).
+    pub master_weights: bool,
+    /// Fraction of parameters updated by Muon (one state buffer) instead of AdamW (two).
+    pub muon_fraction: f64,
+    pub activation_checkpointing: bool,
+    /// The grouped expert path stacks every layer's expert weights for its matmuls, and autograd
+    /// keeps the stacked copies until the backward pass.
+    pub grouped_experts: bool,
+}
+
+/// Bytes on one device.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceMemory {
+    pub device: String,
+    pub weights: f64,
+    pub gradients: f64,
+    pub optimizer: f64,
+    pub activations: f64,
+    /// The device's capacity, when known; the estimate warns above it.
+    pub capacity: Option<f64>,
+}
+
+impl DeviceMemory {
+    /// Peak estimate: weights and optimizer state always; during the backward pass activations are
+    /// freed as gradients appear, so the larger of the two (plus a tenth of the other) counts.
+    pub fn peak(&self) -> f64 {
+        self.weights + self.optimizer + self.activations.max(self.gradients) + 0.1 * self.activations.min(self.gradients)
+    }
+}
+
+/// A memory estimate per device (see [`estimate`]); `Display` prints the table and warnings.
+#[derive(Clone, Debug)]
+pub struct Estimate {
+    pub devices: Vec<DeviceMemory>,
+}
+
+impl Estimate {
+    /// Devices whose estimated peak exceeds their capacity.
+    pub fn over_capacity(&self) -> Vec<&DeviceMemory> {
+        self.devices.iter().filter(|d| d.capacity.is_some_and(|c| d.peak() > c)).collect()
+    }
+}
+
+impl std::fmt::Display for Estimate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = |b: f64| b / (1u64 << 30) as f64;
+        writeln!(f, "{:10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}", "device", "weights", "gradients", "optimizer", "activations", "peak GiB", "capacity")?;
+        for d in &self.devices {
+            let cap = d.capacity.map_or("?".to_string(), |c| format!("{:.2}", g(c)));
+            writeln!(f, "{:10} {:10.3} {:10.3} {:10.3} {:12.3} {:10.3} {:>10}", d.device, g(d.weights), g(d.gradients), g(d.optimizer), g(d.activations), g(d.peak()), cap)?;
+        }
+        for d in self.over_capacity() {
+            writeln!(f, "WARNING: {} needs about {:.2} GiB but has {:.2} GiB: lower micro_batch_size, turn on activation_checkpointing, or place experts on more devices", d.device, g(d.peak()), g(d.capacity.unwrap_or(0.0)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Estimates memory per device for training `m` with `t`. `expert_devices[e]` is the index into
+/// `devices` of expert e (all on `devices[0]` when empty); everything else (embeddings, attention,
+/// router, shared experts, dense layers, head) is on `devices[0]`, as the notebook places it.
+/// Activations are counted from what autograd keeps per token in the notebook's forward (fp32
+/// norms and router, the K-fold token stream through the experts, the fp32 logits and their
+/// log-softmax); with activation checkpointing only block inputs plus one block's activations.
+pub fn estimate(m: &ModelShape, t: &TrainShape, devices: &[(String, Option<f64>)], expert_devices: &[usize]) -> Result<Estimate> {
+    anyhow::ensure!(!devices.is_empty(), "no devices given");
+    anyhow::ensure!(
+        expert_devices.is_empty() || expert_devices.len() as i64 == m.experts,
+        "the expert map has {} entries for {} experts",
+        expert_devices.len(),
+        m.experts
+    );
+    anyhow::ensure!(expert_devices.iter().all(|&d| d < devices.len()), "the expert map names a device beyond the {} given", devices.len());
+    let (d, s, tokens) = (m.hidden as f64, t.compute_bytes as f64, (t.micro_batch * t.seq_len) as f64);
+    let (i, k, e) = (m.intermediate as f64, m.top_k as f64, m.experts as f64);
+    let moe_layers = (m.layers - m.dense_layers) as f64;
+    let expert_params = 3.0 * d * i; // one expert's gate, up, down
+    let attn_params = 4.0 * d * d + 4.0 * d;
+    let primary_params = 2.0 * m.vocab as f64 * d
+        + d
+        + m.layers as f64 * attn_params
+        + moe_layers * (e * d + m.shared_experts as f64 * expert_params)
+        + m.dense_layers as f64 * 3.0 * d * m.dense_intermediate as f64;
+    // Per parameter: weights (+ fp32 master), gradients, optimizer state in the master dtype.
+    let state_bytes = if t.master_weights { 4.0 } else { s };
+    let opt_per_param = (2.0 - t.muon_fraction) * state_bytes + if t.master_weights { 4.0 } else { 0.0 };
+    // Activations per token of one block (bytes): attention ~13 D (norm in fp32 ~3 D x 4 B), MoE
+    // block: norm, router logits + probs (fp32), gathered tokens, 4 K I (gate, up, silu, product),
+    // 3 K D (down, scaled, un-permuted).
+    let attn_act = 10.0 * d * s + 3.0 * d * 4.0;
+    let moe_act = 3.0 * d * 4.0 + 2.0 * e * 4.0 + (4.0 * k * d + 4.0 * k * i) * s + m.shared_experts as f64 * (4.0 * i + d) * s;
+    let dense_act = 3.0 * d * 4.0 + (4.0 * m.dense_intermediate as f64 + d) * s;
+    // Final norm; fp32 logits and log-softmax, and at the start of the backward pass their gradients.
+    let head_act = 3.0 * d * 4.0 + 4.0 * m.vocab as f64 * 4.0;
+    let block_act = |moe: bool| attn_act + if moe { moe_act } else { dense_act };
+    let all_blocks = moe_layers * block_act(true) + m.dense_layers as f64 * block_act(false);
+    let acts_per_token = if t.activation_checkpointing {
+        m.layers as f64 * d * s + block_act(moe_layers > 0.0) + head_act
+    } else {
+        all_blocks + head_act
+    };
+    // The grouped path's stacked weight copies (kept for backward), per MoE layer.
+    let stacked = if t.grouped_experts { moe_layers * expert_params * s } else { 0.0 };
+
+    let mut out: Vec<DeviceMemory> = devices.iter().map(|(n, c)| DeviceMemory { device: n.clone(), capacity: *c, ..Default::default() }).collect();
+    let add_params = |dm: &mut DeviceMemory, n: f64| {
+        dm.weights += n * s;
+        dm.gradients += n * s;
+        dm.optimizer += n * opt_per_param;
+    };
+    add_params(&mut out[0], primary_params);
+    out[0].activations += tokens * acts_per_token;
+    for j in 0..m.experts as usize {
+        let dev = expert_devices.get(j).copied().unwrap_or(0);
+        add_params(&mut out[dev], moe_layers * expert_params);
+        out[dev].activations += stacked;
+        if dev != 0 {
+            // This expert's share of the expert activations lives where it runs.
+            let per_expert = tokens * k / e * moe_layers * (4.0 * i + 3.0 * d) * s;
+            out[dev].activations += per_expert;
+            out[0].activations -= per_expert;
+        }
+    }
+    Ok(Estimate { devices: out })
+}
+
+/// Total memory of this machine in bytes (`MemTotal` of /proc/meminfo).
+pub fn host_total_bytes() -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo (Linux only)")?;
+    let kib = s
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>()))
+        .context("no MemTotal in /proc/meminfo")?
+        .context("cannot parse MemTotal")?;
+    Ok(kib * 1024)
 }
