@@ -17,6 +17,7 @@
 //!   mixed precision, gradient clipping, learning-rate schedules.
 //! - [`checkpoint`]: atomic checkpoints with a `latest` pointer, keep-last-N, exact resume.
 //! - [`generate`]: greedy / temperature / top-k / top-p choice of the next token.
+//! - [`placement`]: expert-to-device maps (contiguous, round-robin, by free memory), validated.
 //! - [`plot`]: `training_curves.png`, shown inline in the notebook.
 //! - [`memory`]: resident memory and its peak (what activation checkpointing saves on CPU).
 //! - [`perf`]: FLOPs per token and a GEMM peak measured in-process, for MFU.
@@ -36,6 +37,7 @@ pub mod hf;
 pub mod memory;
 pub mod optim;
 pub mod perf;
+pub mod placement;
 pub mod plot;
 pub mod prepare;
 pub mod progress;
