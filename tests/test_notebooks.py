@@ -76,16 +76,18 @@ def test_experiment_trains_briefly_on_cpu(nb, tmp_path):
 
 
 def test_shared_experts_dense_layers_and_lflb_train_and_save(tmp_path):
-    """The seed's options in one short run: the smoke test checks the parameter count against the
+    """The seed's options in one short run (and the multi-device expert path with a map of CPU
+    devices): the smoke test checks the parameter count against the
     formula; the LFLB bias moves and is saved with the weights; export refuses what OLMoE lacks."""
     from safetensors.torch import load_file
     nb = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
     run_dir = tmp_path / "run"
     proc = run_notebook(nb, run_dir, MOE_PRESET="cpu", MOE_STEPS="3", MOE_SET=(
         "model.n_shared_experts=1 model.n_dense_layers=1 model.dense_intermediate_size=96 model.lflb=true "
-        "model.norm_topk_prob=true model.moe_impl=loop train.eval_every=3 train.sample_tokens=2"))
+        "model.norm_topk_prob=true train.expert_placement=round-robin:cpu train.eval_every=3 train.sample_tokens=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "smoke test ok" in proc.stdout
+    assert "experts placed: Cpu Cpu" in proc.stdout, "the multi-device expert path trains (a CPU map here)"
     assert "Hugging Face export skipped: Hugging Face export refused: OLMoE has no shared experts" in proc.stdout
     weights = load_file(str(run_dir / "model.safetensors"))
     assert "model.layers.0.mlp.down_proj.weight" in weights  # the dense block

@@ -56,10 +56,12 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
     }
     // Every expert path must agree with the default one (auto, used above): the readable
     // per-expert loop, the sorted per-expert matmuls, the grouped matmuls.
-    for (tag, moe_impl) in [("loop", MoeImpl::Loop), ("sorted", MoeImpl::Sorted), ("grouped", MoeImpl::Grouped)] {
+    // "placed": every expert through the multi-device path (a map of CPU devices).
+    for (tag, moe_impl) in [("loop", MoeImpl::Loop), ("sorted", MoeImpl::Sorted), ("grouped", MoeImpl::Grouped), ("placed", MoeImpl::Auto)] {
         let lcfg = ModelConfig { moe_impl, ..pcfg.clone() };
         let lvs = nn::VarStore::new(Device::Cpu);
-        let lmodel = OlmoeForCausalLM::new(&lvs, &lcfg);
+        let mut lmodel = OlmoeForCausalLM::new(&lvs, &lcfg);
+        if tag == "placed" { lmodel.place_experts(&helpers::placement::parse("round-robin:cpu", lcfg.num_experts as usize)?); }
         helpers::hf::load_weights(&dir, &lvs)?;
         // The grouped matmuls must really run here (not their per-expert fallback).
         assert!(tag != "grouped" || lmodel.moe_blocks()[0].grouped_applies(&Tensor::zeros([1, pcfg.hidden_size], (Kind::Float, Device::Cpu))));
@@ -306,7 +308,7 @@ def test_export_round_trip_through_transformers(parity_runs, case, tmp_path):
     assert tok.eos_token_id == 50279
 
 
-@pytest.mark.parametrize("path", ["loop", "sorted", "grouped"])
+@pytest.mark.parametrize("path", ["loop", "sorted", "grouped", "placed"])
 @pytest.mark.parametrize("case", CASES)
 def test_expert_paths_equal_the_default(parity_runs, case, path):
     _, ours = parity_runs[case]

@@ -284,7 +284,9 @@ pub fn newton_schulz(g: &Tensor, steps: i64) -> Tensor {
 /// returns the norm before clipping as a 0-dim fp32 tensor on the parameters' device. No host sync.
 pub fn clip_grad_norm(params: &[Tensor], max: f64) -> Tensor {
     tch::no_grad(|| {
-        let norms: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).map(|g| g.to_kind(Kind::Float).norm()).collect();
+        // Norms gathered on the first parameter's device: experts may live on other devices.
+        let dev = params.first().map(|p| p.device()).unwrap_or(tch::Device::Cpu);
+        let norms: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).map(|g| g.to_kind(Kind::Float).norm().to_device(dev)).collect();
         if norms.is_empty() {
             return Tensor::from(0f32);
         }
@@ -294,7 +296,7 @@ pub fn clip_grad_norm(params: &[Tensor], max: f64) -> Tensor {
             for p in params {
                 let mut g = p.grad();
                 if g.defined() {
-                    let _ = g.g_mul_(&scale.to_kind(g.kind()));
+                    let _ = g.g_mul_(&scale.to_kind(g.kind()).to_device(g.device()));
                 }
             }
         }
