@@ -208,7 +208,7 @@ let mut report = serde_json::Map::new();
 {
     // 1. Activation checkpointing: the same gradients, a lower peak memory (checkpointed measured
     //    first, so memory it leaves behind could only raise the plain path's figure).
-    let (x, y) = corpus.train_batch(1, 0, train_cfg.micro_batch_size as usize, train_cfg.seq_len as usize, Device::Cpu)?;
+    let (x, y) = train_data.batch(0, train_cfg.micro_batch_size as usize, 0, 1);
     let mut grads: Vec<Vec<(String, Tensor)>> = Vec::new();
     for ckpt in [true, false] {
         let c = TrainConfig { activation_checkpointing: ckpt, z_loss_coef: 0.001, ..train_cfg.clone() };
@@ -247,7 +247,8 @@ let mut report = serde_json::Map::new();
 
     // 2. bf16 mixed precision on CPU (the CUDA default), and pure bf16: the loss falls on one batch,
     //    the model holds bf16, the optimizer fp32 masters (mixed) or nothing extra (pure).
-    let (xb, yb) = corpus.train_batch(2, 0, 4, 64, Device::Cpu)?;
+    let (xb, yb) = train_data.batch(1, 4, 0, 1);
+    let (xb, yb) = (xb.narrow(1, 0, 64), yb.narrow(1, 0, 64));
     for (mode, masters) in [("bf16-mixed", true), ("bf16", false)] {
         tch::manual_seed(0);
         let bvs = nn::VarStore::new(Device::Cpu);
