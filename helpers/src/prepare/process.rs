@@ -216,75 +216,59 @@ impl Process {
         // Reading (decompressing, decoding) overlaps with tokenizing: a reader thread keeps two
         // batches ready while the tokenizer runs on every core.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(Vec<String>, u64)>>(2);
-        let batch_docs = self.batch_docs.max(1);
+        let (batch_docs, docs_before) = (self.batch_docs.max(1), sum.docs_read);
         std::thread::scope(|scope| -> Result<()> {
             scope.spawn(move || loop {
-                let r = docs.next_batch().map(|b| b.map(|b| (b, docs.seen)));
-                let (stop, msg) = match r {
-                    Ok(None) => (true, None),
-                    Ok(Some((batch, seen))) => {
-                        // Parquet row groups can hold 100k documents; feed the tokenizer in slices.
-                        let mut batch = batch;
-                        let mut chunks = Vec::new();
-                        while batch.len() > batch_docs {
-                            let rest = batch.split_off(batch_docs);
-                            chunks.push(std::mem::replace(&mut batch, rest));
+                // A batch (a row group, or JSONL lines) with the documents read so far.
+                match docs.next_batch() {
+                    Ok(None) => return,
+                    Ok(Some(batch)) => {
+                        if tx.send(Ok((batch, docs.seen))).is_err() {
+                            return; // the tokenizing side stopped on an error
                         }
-                        chunks.push(batch);
-                        let n = chunks.len();
-                        for (k, c) in chunks.into_iter().enumerate() {
-                            if tx.send(Ok((c, if k + 1 == n { seen } else { 0 }))).is_err() {
-                                return;
-                            }
-                        }
-                        (false, None)
                     }
-                    Err(e) => (true, Some(Err(e))),
-                };
-                if let Some(m) = msg {
-                    let _ = tx.send(m);
-                }
-                if stop {
-                    return;
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
                 }
             });
-            let mut seen_total = 0;
             for msg in rx {
                 let (batch, seen) = msg?;
-                if seen > 0 {
-                    sum.docs_read += seen - seen_total;
-                    seen_total = seen;
-                }
-                if batch.is_empty() {
-                    continue;
-                }
-                bytes += batch.iter().map(|d| d.len() as u64).sum::<u64>();
-                let encs = tok
-                    .inner
-                    .encode_batch_fast(batch.iter().map(|s| s.as_str()).collect::<Vec<_>>(), false)
-                    .map_err(|e| anyhow::anyhow!("tokenizing {} failed: {e}", file.display()))?;
-                let mut ids = Vec::new();
-                for e in &encs {
-                    ids.clear();
-                    ids.extend_from_slice(e.get_ids());
-                    ids.push(eos);
-                    tokens += ids.len() as u64;
-                    match &mut val_w {
-                        Some(w) if val_tokens < self.val_tokens => {
-                            w.push(&ids)?;
-                            val_tokens += ids.len() as u64;
+                sum.docs_read = docs_before + seen;
+                // Parquet row groups can hold 100k documents; the tokenizer gets them in slices.
+                for chunk in batch.chunks(batch_docs) {
+                    bytes += chunk.iter().map(|d| d.len() as u64).sum::<u64>();
+                    let encs = tok
+                        .inner
+                        .encode_batch_fast(chunk.iter().map(|s| s.as_str()).collect::<Vec<_>>(), false)
+                        .map_err(|e| anyhow::anyhow!("tokenizing {} failed: {e}", file.display()))?;
+                    let mut ids = Vec::new();
+                    for e in &encs {
+                        ids.clear();
+                        ids.extend_from_slice(e.get_ids());
+                        ids.push(eos);
+                        tokens += ids.len() as u64;
+                        match &mut val_w {
+                            Some(w) if val_tokens < self.val_tokens => {
+                                w.push(&ids)?;
+                                val_tokens += ids.len() as u64;
+                            }
+                            _ => train_w.push(&ids)?,
                         }
-                        _ => train_w.push(&ids)?,
                     }
+                    sum.docs_kept += encs.len() as u64;
+                    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                    bar.set(
+                        seen,
+                        format!(
+                            "docs, {:.2}M tokens, {:.0}k tokens/s, {:.1} MB/s",
+                            tokens as f64 / 1e6,
+                            tokens as f64 / secs / 1e3,
+                            bytes as f64 / 1e6 / secs
+                        ),
+                    );
                 }
-                sum.docs_kept += encs.len() as u64;
-                let secs = t0.elapsed().as_secs_f64().max(1e-9);
-                bar.set(seen_total, format!(
-                    "docs, {:.2}M tokens, {:.0}k tokens/s, {:.1} MB/s",
-                    tokens as f64 / 1e6,
-                    tokens as f64 / secs / 1e3,
-                    bytes as f64 / 1e6 / secs
-                ));
             }
             Ok(())
         })?;

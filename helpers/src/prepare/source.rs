@@ -1,7 +1,7 @@
 //! Documents from parquet and JSONL files: only the text column is decoded (plus the columns a
 //! filter needs), a row group at a time, so a 2 GB FineWeb-Edu file never sits in memory whole.
 use crate::WithCause;
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use parquet::basic::Type as Physical;
 use parquet::column::reader::ColumnReader;
 use parquet::file::reader::{FileReader, RowGroupReader, SerializedFileReader};
@@ -94,7 +94,7 @@ impl Documents {
                 let schema = reader.metadata().file_metadata().schema_descr_ptr();
                 let find = |name: &str| schema.columns().iter().position(|c| c.path().string() == name);
                 let names: Vec<String> = schema.columns().iter().map(|c| c.path().string()).collect();
-                let text = find(column).with_cause_none(|| {
+                let text = find(column).with_context(|| {
                     format!("{} has no column {column:?} (it has: {}); pass the text column's name (--text-column)", path.display(), names.join(", "))
                 })?;
                 ensure!(schema.column(text).physical_type() == Physical::BYTE_ARRAY, "{}: column {column:?} is not text", path.display());
@@ -102,7 +102,7 @@ impl Documents {
                     if !on {
                         return Ok(None);
                     }
-                    find(name).map(Some).with_cause_none(|| {
+                    find(name).map(Some).with_context(|| {
                         format!("{} has no column {name:?} for the filter (it has: {}); drop the filter", path.display(), names.join(", "))
                     })
                 };
@@ -186,15 +186,6 @@ impl Documents {
                 Ok((!out.is_empty()).then_some(out))
             }
         }
-    }
-}
-
-trait WithCauseNone<T> {
-    fn with_cause_none<F: FnOnce() -> String>(self, f: F) -> Result<T>;
-}
-impl<T> WithCauseNone<T> for Option<T> {
-    fn with_cause_none<F: FnOnce() -> String>(self, f: F) -> Result<T> {
-        self.ok_or_else(|| anyhow::anyhow!(f()))
     }
 }
 
