@@ -17,6 +17,8 @@
 //!   mixed precision, gradient clipping, learning-rate schedules.
 //! - [`checkpoint`]: atomic checkpoints with a `latest` pointer, keep-last-N, exact resume.
 //! - [`generate`]: greedy / temperature / top-k / top-p choice of the next token.
+//! - [`interp`]: per-token routing tables, exported as parquet / CSV; routing metrics (usage entropy,
+//!   balance violation, path consistency, stay length, router similarity) and heatmaps.
 //! - [`placement`]: expert-to-device maps (contiguous, round-robin, by free memory), validated.
 //! - [`plot`]: `training_curves.png`, shown inline in the notebook.
 //! - [`memory`]: resident memory and its peak (what activation checkpointing saves on CPU).
@@ -34,6 +36,7 @@ pub mod config;
 pub mod data;
 pub mod generate;
 pub mod hf;
+pub mod interp;
 pub mod memory;
 pub mod optim;
 pub mod perf;

@@ -9,7 +9,7 @@ use anyhow::Result;
 use plotters::prelude::*;
 use std::path::Path;
 
-fn font() {
+pub(crate) fn font() {
     // Registering twice is harmless; plotters keeps the last one.
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
 }
@@ -22,7 +22,7 @@ pub fn series(rows: &[serde_json::Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn range(points: &[&[(f64, f64)]], pick: impl Fn(&(f64, f64)) -> f64) -> (f64, f64) {
+pub(crate) fn range(points: &[&[(f64, f64)]], pick: impl Fn(&(f64, f64)) -> f64) -> (f64, f64) {
     let vals: Vec<f64> = points.iter().flat_map(|p| p.iter().map(&pick)).collect();
     let lo = vals.iter().cloned().fold(f64::INFINITY, f64::min);
     let hi = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

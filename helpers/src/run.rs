@@ -74,7 +74,13 @@ impl RunDir {
     /// later steps (logged by the run that crashed after its last checkpoint) are dropped first, so
     /// the file reads as if the run had never stopped.
     pub fn metrics_resumed(&self, step: i64) -> Result<MetricsLog> {
-        let path = self.file("metrics.jsonl");
+        self.jsonl_resumed("metrics.jsonl", step)
+    }
+
+    /// Like [`Self::metrics_resumed`] for any JSONL log of the run whose rows carry a `step`
+    /// (e.g. `expert_usage.jsonl`).
+    pub fn jsonl_resumed(&self, name: &str, step: i64) -> Result<MetricsLog> {
+        let path = self.file(name);
         if path.is_file() {
             let text = std::fs::read_to_string(&path).with_cause(|| format!("cannot read {}", path.display()))?;
             let kept: String = text
