@@ -66,6 +66,18 @@ fn summary_names_layers_by_decoder_index() {
     assert!(!s.contains_key("consistency.3"), "the last MoE layer has no successor");
     assert!((s["stay_mean"] - 1.6).abs() < 1e-12);
     assert!((s["usage_entropy_norm"] - s["usage_entropy_mean"] / 4f64.ln()).abs() < 1e-12);
+    let t = metrics::table(&s, &[1, 2, 3], 4, 2);
+    assert_eq!(t.lines().count(), 1 + 3 + 1, "{t}");
+    assert!(t.lines().nth(1).unwrap().starts_with("    1 |                1.000 |  0.000 |"), "{t}");
+    assert!(t.lines().nth(3).unwrap().contains("NaN"), "layer 3 has no next layer: {t}");
+}
+
+#[test]
+fn chance_consistency_of_random_routing() {
+    // Two random 2-subsets of 4 experts miss each other only when the second is the complement: 1 of 6.
+    assert!((metrics::chance_consistency(4, 2) - 5.0 / 6.0).abs() < 1e-12);
+    assert_eq!(metrics::chance_consistency(64, 1), 1.0 / 64.0);
+    assert_eq!(metrics::chance_consistency(3, 2), 1.0);
 }
 
 #[test]

@@ -165,3 +165,33 @@ pub fn router_summary<'a>(routers: impl IntoIterator<Item = (i64, &'a Tensor)>) 
     }
     Ok(out)
 }
+
+/// The path consistency of independent uniform routing: the chance that two random K-subsets of E
+/// experts intersect, `1 - C(E-K, K) / C(E, K)`.
+pub fn chance_consistency(n_experts: usize, top_k: usize) -> f64 {
+    if 2 * top_k > n_experts {
+        return 1.0;
+    }
+    // C(E-K, K) / C(E, K) = prod_{i<K} (E-K-i) / (E-i)
+    1.0 - (0..top_k).map(|i| (n_experts - top_k - i) as f64 / (n_experts - i) as f64).product::<f64>()
+}
+
+/// A per-layer table of a summary (as from [`Routing::summary`] plus [`router_summary`]): usage
+/// entropy over ln E, MaxVio, consistency with the next MoE layer (and chance), router cosine max.
+pub fn table(m: &BTreeMap<String, f64>, layers: &[i64], n_experts: usize, top_k: usize) -> String {
+    let get = |k: String| m.get(&k).copied().unwrap_or(f64::NAN);
+    let mut s = format!(
+        "layer | usage entropy / ln E | MaxVio | consistency with next (chance {:.3}) | router cos max\n",
+        chance_consistency(n_experts, top_k)
+    );
+    for &l in layers {
+        s += &format!(
+            "{l:5} | {:20.3} | {:6.3} | {:36.3} | {:14.3}\n",
+            get(format!("usage_entropy.{l}")) / (n_experts as f64).ln(),
+            get(format!("max_vio.{l}")),
+            get(format!("consistency.{l}")),
+            get(format!("router_cos_max.{l}"))
+        );
+    }
+    s + &format!("tokens stay with an expert for {:.2} consecutive MoE layers on average\n", get("stay_mean".into()))
+}

@@ -35,20 +35,21 @@ fn heatmap(values: &[Vec<f64>], row_labels: &[String], x_desc: &str, y_desc: &st
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(64)
-            .build_cartesian_2d(0..cols as i32, 0..rows as i32)?;
+            .build_cartesian_2d(-0.5..cols as f64 - 0.5, -0.5..rows as f64 - 0.5)?; // cells centred on integers
         c.configure_mesh()
             .disable_mesh()
             .x_desc(x_desc)
             .y_desc(y_desc)
-            .x_labels(cols.min(16))
-            .y_labels(rows.min(24))
-            .y_label_formatter(&|r| row_labels.get(*r as usize).cloned().unwrap_or_default())
+            .x_labels(cols.min(17))
+            .y_labels(rows.min(25))
+            .x_label_formatter(&|x| if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() })
+            .y_label_formatter(&|y| if (y - y.round()).abs() < 1e-6 { row_labels.get(y.round() as usize).cloned().unwrap_or_default() } else { String::new() })
             .label_style(("sans-serif", 12))
             .draw()?;
         c.draw_series(values.iter().enumerate().flat_map(|(r, row)| {
             row.iter().enumerate().map(move |(e, v)| {
                 let v = if v.is_finite() { *v / max } else { 0.0 };
-                Rectangle::new([(e as i32, r as i32), (e as i32 + 1, r as i32 + 1)], shade(v).filled())
+                Rectangle::new([(e as f64 - 0.5, r as f64 - 0.5), (e as f64 + 0.5, r as f64 + 0.5)], shade(v).filled())
             })
         }))?;
         root.present()?;
