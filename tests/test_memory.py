@@ -10,6 +10,9 @@ import nbformat
 
 from test_notebooks import ROOT, RUNNER
 
+sys.path.insert(0, str(ROOT / "helpers" / "scripts"))
+from nbcells import section  # noqa: E402
+
 EXPERIMENT = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
 TOLERANCE = 0.25  # |estimate - measured| / measured
 
@@ -58,13 +61,9 @@ def test_memory_estimate_matches_measured_peak(tmp_path):
     src = nbformat.read(EXPERIMENT, as_version=4)
     cells = src.cells
 
-    def after(heading):
-        i = next(k for k, c in enumerate(cells) if c.cell_type == "markdown" and c.source.lstrip().startswith(heading))
-        return next(c.source for c in cells[i + 1:] if c.cell_type == "code")
-
     first = next(c.source for c in cells if c.cell_type == "code")
     nb = nbformat.v4.new_notebook(metadata=src.metadata)
-    nb.cells = [nbformat.v4.new_code_cell(s) for s in (first, after("## Configuration"), after("## Model"), MEMORY_CELL)]
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in (first, section(cells, "## Configuration"), section(cells, "## Model"), MEMORY_CELL)]
     path = EXPERIMENT.parent / ".memory-test.ipynb"
     nbformat.write(nb, path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}

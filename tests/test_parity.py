@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import OlmoeConfig, OlmoeForCausalLM
 from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers" / "scripts"))
+from nbcells import section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
@@ -134,11 +136,6 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
 '''
 
 
-def code_cell_after(cells, heading: str) -> str:
-    for i, c in enumerate(cells):
-        if c.cell_type == "markdown" and c.source.lstrip().startswith(heading):
-            return next(d.source for d in cells[i + 1:] if d.cell_type == "code")
-    raise AssertionError(f"{EXPERIMENT.name} has no code cell after a '{heading}' heading")
 
 
 def reference(case_dir: Path, experts: int, top_k: int, norm: bool, layers: int, seed: int) -> dict:
@@ -217,7 +214,7 @@ def parity_runs(tmp_path_factory):
     first_code = next(c.source for c in src.cells if c.cell_type == "code")
     nb = nbformat.v4.new_notebook(metadata=src.metadata)
     nb.cells = [nbformat.v4.new_code_cell(s) for s in (
-        first_code, code_cell_after(src.cells, "## Configuration"), code_cell_after(src.cells, "## Model"),
+        first_code, section(src.cells, "## Configuration"), section(src.cells, "## Model"),
         f"const AUX_COEF: f64 = {AUX_COEF};\n" + PARITY_CELL)]
     nb_path = EXPERIMENT.parent / ".parity-test.ipynb"  # the experiment's folder: same relative :dep paths
     nbformat.write(nb, nb_path)

@@ -16,6 +16,8 @@ import pytest
 
 from fake_wandb import KEY, FakeWandb
 from test_notebooks import ROOT, RUNNER, run_notebook
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers" / "scripts"))
+from nbcells import section  # noqa: E402
 
 EXPERIMENT = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
 # A short CPU run: 2 layers, a checkpoint every 4 steps, one row per step, a NaN injected at step 3
@@ -298,11 +300,6 @@ println!("report: {}", report_path.display());
 '''
 
 
-def code_cell_after(cells, heading: str) -> str:
-    for i, c in enumerate(cells):
-        if c.cell_type == "markdown" and c.source.lstrip().startswith(heading):
-            return next(d.source for d in cells[i + 1:] if d.cell_type == "code")
-    raise AssertionError(f"{EXPERIMENT.name} has no code cell after a '{heading}' heading")
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +308,7 @@ def machinery(tmp_path_factory):
     first_code = next(c.source for c in src.cells if c.cell_type == "code")
     nb = nbformat.v4.new_notebook(metadata=src.metadata)
     nb.cells = [nbformat.v4.new_code_cell(s) for s in (
-        first_code, *(code_cell_after(src.cells, h) for h in (
+        first_code, *(section(src.cells, h) for h in (
             "## Configuration", "## Model", "## Data", "## Optimizer", "## Training step", "## Generation")),
         TEST_CELL)]
     nb_path = EXPERIMENT.parent / ".training-test.ipynb"  # the experiment's folder: same relative :dep paths

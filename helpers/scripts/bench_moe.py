@@ -29,6 +29,8 @@ import nbformat
 import torch
 from nbclient import NotebookClient
 
+from nbcells import section  # this folder
+
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
 MARK = "@@bench@@"
@@ -132,11 +134,7 @@ class RustSide:
         src = nbformat.read(EXPERIMENT, as_version=4)
         codes = [c.source for c in src.cells if c.cell_type == "code"]
 
-        def after(heading: str) -> str:
-            i = next(k for k, c in enumerate(src.cells) if c.cell_type == "markdown" and c.source.lstrip().startswith(heading))
-            return next(c.source for c in src.cells[i + 1:] if c.cell_type == "code")
-
-        setup = [":preserve_vars_on_panic 0\n" + codes[0], after("## Configuration"), after("## Model"), RUST_BENCH]
+        setup = [":preserve_vars_on_panic 0\n" + codes[0], section(src.cells, "## Configuration"), section(src.cells, "## Model"), RUST_BENCH]
         self.nb = nbformat.v4.new_notebook(metadata=src.metadata)
         os.environ.update(env)
         self.client = NotebookClient(self.nb, kernel_name="rust", timeout=-1, startup_timeout=600,
