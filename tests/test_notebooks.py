@@ -2,6 +2,7 @@
 `bash setup.sh run`. Every notebook under experiments/ gets a very short CPU run."""
 import importlib.util
 import json
+import math
 import re
 import os
 import struct
@@ -60,6 +61,10 @@ def test_experiment_trains_briefly_on_cpu(nb, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["val_loss_final"] < summary["val_loss_step0"]
     assert (run_dir / "executed.ipynb").exists()
+    check_routing_outputs(run_dir, rows, cfg)
+    if nb.parent.name == "cross-layer-experts":
+        check_cross_layer(run_dir, rows, cfg, proc.stdout)
+        return
     # Every run writes a Hugging Face directory that transformers loads as it is.
     from transformers import AutoModelForCausalLM, AutoTokenizer
     hf = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
@@ -73,6 +78,73 @@ def test_experiment_trains_briefly_on_cpu(nb, tmp_path):
     assert "loaded " in again.stdout
     first = json.loads((tmp_path / "again" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["val.loss"] - val[-1]) < 1e-4, (first, val[-1])
+
+
+def check_routing_outputs(run_dir: Path, rows: list, cfg: dict):
+    """The routing probes: interp.* metrics with each validation, usage counts at each log step, and
+    the analysis cell's export, summary and plots."""
+    import pyarrow.parquet as pq
+    m, n_layers = cfg["model"], cfg["model"]["num_hidden_layers"]
+    e, k = m["num_experts"], m["num_experts_per_tok"]
+    for r in (r for r in rows[1:] if "val.loss" in r):
+        assert 0 < r[f"interp.usage_entropy.{n_layers - 1}"] <= math.log(e) + 1e-9
+        assert 0 <= r["interp.max_vio_mean"] <= e - 1 and 0 <= r["interp.consistency_mean"] <= 1
+        assert -1 <= r["interp.router_cos_max.0"] <= 1 and r["interp.stay_mean"] >= 1
+    usage = [json.loads(l) for l in (run_dir / "expert_usage.jsonl").read_text().splitlines()]
+    assert [u["step"] for u in usage] == [5, 10, 15, 20] and usage[-1]["layers"] == list(range(n_layers))
+    # A log step's counts: every (token, slot) of its 5 steps, in every MoE layer.
+    tokens_per_log = 5 * cfg["train"]["micro_batch_size"] * cfg["train"]["seq_len"] * cfg["train"]["grad_accum_steps"]
+    assert all(sum(c) == tokens_per_log * k for c in usage[-1]["counts"])
+    table = pq.read_table(run_dir / "routing" / "routing.parquet").to_pydict()
+    assert list(table) == ["sequence_ix", "token_ix", "token_id", "layer_ix", "topk_ix", "expert", "weight"]
+    n_tokens = cfg["train"]["eval_batches"] * cfg["train"]["micro_batch_size"] * cfg["train"]["seq_len"]
+    assert len(table["expert"]) == n_tokens * n_layers * k
+    with open(run_dir / "routing" / "routing.csv") as f:
+        assert sum(1 for _ in f) == 1 + len(table["expert"])
+    summary = json.loads((run_dir / "routing" / "metrics.json").read_text())
+    counts = [0] * e
+    for layer, expert in zip(table["layer_ix"], table["expert"]):
+        if layer == 0:
+            counts[expert] += 1
+    p = [c / sum(counts) for c in counts if c]
+    assert abs(summary["usage_entropy.0"] - -sum(x * math.log(x) for x in p)) < 1e-9
+    for png in ("usage.png", "transitions.png", "usage_over_training.png"):
+        assert (run_dir / "routing" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def check_cross_layer(run_dir: Path, rows: list, cfg: dict, stdout: str):
+    """The routing residual stream and the shared gate exist with their shapes, the offset gates
+    started at zero and moved, their penalty is logged, and OLMoE export is refused by name."""
+    from safetensors.torch import load_file
+    w = load_file(str(run_dir / "model.safetensors"))
+    m = cfg["model"]
+    d, z, e = m["hidden_size"], m["rrs_dim"], m["num_experts"]
+    assert z == 32 and w["model.embed_tokens.weight"].shape == (m["vocab_size"], d + z)
+    assert w["model.shared_gate.weight"].shape == (e, z)
+    assert w["model.layers.0.mlp.gate.weight"].shape == (e, z)
+    assert w["model.layers.0.rrs.lin.weight"].shape == (z, d) and w["model.layers.0.rrs.norm.weight"].shape == (z,)
+    offset = w["model.layers.0.mlp.gate.weight"]
+    assert 0 < offset.abs().max().item() < w["model.shared_gate.weight"].abs().max().item(), "offsets start at 0 and stay small"
+    penalty = [r["train.offset_penalty"] for r in rows[1:]]
+    assert penalty[0] > 0 and all(x >= 0 for x in penalty)
+    assert "Hugging Face export skipped: Hugging Face export refused: parameter model.layers.0.rrs" in stdout
+
+
+def test_cross_layer_notebook_differs_from_the_base_only_where_the_method_does():
+    """The copy-and-edit workflow: same sections in the same order; the cells that differ are the
+    ones the idea needs (a base change elsewhere must reach the copy too)."""
+    import nbformat
+    base = nbformat.read(ROOT / "experiments" / "base-olmoe" / "experiment.ipynb", as_version=4).cells
+    xl = nbformat.read(ROOT / "experiments" / "cross-layer-experts" / "experiment.ipynb", as_version=4).cells
+    assert [c.cell_type for c in base] == [c.cell_type for c in xl]
+    section, changed = "intro", set()
+    for b, x in zip(base, xl):
+        if b.cell_type == "markdown" and b.source.startswith("## "):
+            section = b.source.splitlines()[0]
+        if b.source != x.source:
+            changed.add(section)
+    assert changed == {"intro", "## Configuration", "## Model", "## Routing probes", "## Optimizer, precision, resume",
+                       "## Training step", "## Training loop", "## Results"}, changed
 
 
 def test_shared_experts_dense_layers_and_lflb_train_and_save(tmp_path):
