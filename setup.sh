@@ -15,6 +15,9 @@
 #                              tokenization throughput: this build vs the Python tokenizers binding
 #   bash setup.sh bench [--presets cpu,cpu-e64] [--repeats 5]
 #                              speed: the notebook's model vs transformers (step, MoE layer, MFU)
+#   bash setup.sh sweep --grid model.num_hidden_layers=2,4 [--grid ...] [--preset cpu] [--steps N]
+#                              one headless run per grid point (W&B: one group), then a table and
+#                              loss plots in runs/sweeps/<group>/ (`bash setup.sh sweep --help`)
 #   bash setup.sh test         set up, then run the whole test suite (what CI runs)
 #   bash setup.sh lab          set up, then start JupyterLab with the Rust kernel
 #   bash setup.sh env          print the environment exports, for `eval "$(bash setup.sh env)"`
@@ -174,6 +177,9 @@ case "$cmd" in
   bench-tokenize)
     setup
     exec "$VENV/bin/python" helpers/scripts/bench_tokenize.py "$@" ;;
+  sweep)
+    setup
+    exec cargo run --quiet -p helpers --bin sweep -- "$@" ;;
   test)
     setup
     say "cargo test (helpers)"
@@ -191,5 +197,5 @@ case "$cmd" in
     printf 'export VIRTUAL_ENV=%q PATH=%q LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH=%q JUPYTER_PATH=%q\n' \
       "$VIRTUAL_ENV" "$PATH" "$LD_LIBRARY_PATH" "$JUPYTER_PATH" ;;
   *)
-    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], generate RUN [PROMPT], wandb-sync RUN, data ..., bench, bench-tokenize [FILE], test, lab, env" ;;
+    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], generate RUN [PROMPT], wandb-sync RUN, data ..., bench, bench-tokenize [FILE], sweep --grid ..., test, lab, env" ;;
 esac

@@ -21,6 +21,7 @@
 //!   balance violation, path consistency, stay length, router similarity) and heatmaps.
 //! - [`placement`]: expert-to-device maps (contiguous, round-robin, by free memory), validated.
 //! - [`plot`]: `training_curves.png`, shown inline in the notebook.
+//! - [`sweep`]: grids over config fields run headlessly, collected into a table and loss plots.
 //! - [`memory`]: resident memory and its peak (what activation checkpointing saves on CPU).
 //! - [`perf`]: FLOPs per token and a GEMM peak measured in-process, for MFU.
 //! - [`wandb`]: a Weights & Biases client on reqwest: background uploads from an on-disk spool,
@@ -47,6 +48,7 @@ pub mod progress;
 pub mod run;
 pub mod runtime;
 pub mod shards;
+pub mod sweep;
 pub mod wandb;
 
 pub use config::{env_parse, Overrides};
