@@ -184,7 +184,7 @@ def test_bad_overrides_fail_the_config_cell_with_a_clear_message(env, message, t
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert message in out
-    assert "cell 2 failed" in out, "the config cell (cell 2) must be the one that fails"
+    assert "cell 3 failed" in out, "the run's settings cell (cell 3, after the config types) must be the one that fails"
     assert "model built" not in out, "nothing may be allocated after a bad config"
 
 
