@@ -70,20 +70,22 @@ impl Routing {
         let mut runs = vec![0u64; n_layers + 1];
         let mut current = vec![0usize; self.n_experts]; // per expert, the length of the open run
         for t in 0..self.n_tokens() {
-            current.iter_mut().for_each(|c| *c = 0);
+            // O(L K^2) per token: only the experts chosen at this layer or the previous one change.
+            let mut prev: &[i64] = &[];
             for l in 0..n_layers {
                 let chosen = self.chosen(l, t);
-                for e in 0..self.n_experts {
-                    if chosen.contains(&(e as i64)) {
-                        current[e] += 1;
-                    } else if current[e] > 0 {
-                        runs[current[e]] += 1;
-                        current[e] = 0;
-                    }
+                for &e in prev.iter().filter(|e| !chosen.contains(e)) {
+                    runs[current[e as usize]] += 1; // the run ends
+                    current[e as usize] = 0;
                 }
+                for &e in chosen {
+                    current[e as usize] += 1;
+                }
+                prev = chosen;
             }
-            for &c in current.iter().filter(|&&c| c > 0) {
-                runs[c] += 1;
+            for &e in prev {
+                runs[current[e as usize]] += 1;
+                current[e as usize] = 0;
             }
         }
         let (count, total) = runs.iter().enumerate().fold((0u64, 0u64), |(n, s), (len, &r)| (n + r, s + r * len as u64));
