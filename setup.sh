@@ -47,6 +47,25 @@ check_prereqs() {
   command -v c++ >/dev/null || command -v g++ >/dev/null || die "no C++ compiler; tch builds C++ glue (Debian/Ubuntu: apt-get install g++, needs root)"
 }
 
+# pip with patience: torch's wheel is ~0.5 GB plus ~4 GB of CUDA libraries, and a dropped connection
+# must not fail a fresh setup. pip resumes a cut transfer with ranged requests (--resume-retries);
+# when a whole attempt still fails, the finished wheels are in pip's cache and the next attempt only
+# fetches the rest.
+pip_install() {
+  local attempt resume=()
+  # --resume-retries is pip >= 25.1; the pip a fresh venv brings may be older (it is upgraded first).
+  "$VENV/bin/python" -m pip install --help 2>/dev/null | grep -q -- --resume-retries && resume=(--resume-retries 30)
+  for attempt in 1 2 3 4; do
+    if "$VENV/bin/python" -m pip install --quiet --retries 10 --timeout 60 "${resume[@]}" "$@"; then
+      return 0
+    fi
+    [ "$attempt" -lt 4 ] || break
+    say "pip install failed (attempt $attempt of 4, usually the network); retrying in $((attempt * 30)) s"
+    sleep $((attempt * 30))
+  done
+  die "pip install $* failed 4 times; check the network (PyPI reachable?) and run the command again"
+}
+
 python_env() {
   local stamp="$VENV/.setup-python" want
   want="$(printf '%s\n' "${PY_PKGS[@]}")"
@@ -56,8 +75,8 @@ python_env() {
   fi
   [ -x "$VENV/bin/python" ] || { say "creating python env .venv"; python3 -m venv "$VENV"; }
   say "installing ${PY_PKGS[*]} into .venv (first time: ~5 GB with torch's CUDA libraries, a few minutes)"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet "${PY_PKGS[@]}"
+  pip_install --upgrade pip
+  pip_install "${PY_PKGS[@]}"
   printf '%s' "$want" > "$stamp"
 }
 
@@ -83,7 +102,7 @@ rust_kernel() {
     say "evcxr_jupyter $EVCXR_VERSION: installed"
   else
     say "building evcxr_jupyter $EVCXR_VERSION with --locked (first time: ~6 min on 2 cores)"
-    cargo install --quiet --locked evcxr_jupyter --version "$EVCXR_VERSION"
+    CARGO_NET_RETRY="${CARGO_NET_RETRY:-10}" cargo install --quiet --locked evcxr_jupyter --version "$EVCXR_VERSION"
   fi
   # Register the kernel inside .venv, with the environment libtorch needs. Rewritten every time
   # (cheap), because evcxr rewrites kernel.json without our env when its version changes.
