@@ -1,7 +1,9 @@
 //! Memory: measurements of this process (Linux: resident set size now and its peak since the last
-//! reset; on CUDA the device's memory is what matters and libtorch's statistics are not bound by
-//! tch), and [`estimate`]: what a training configuration needs per device before you launch it.
-use anyhow::{Context, Result};
+//! reset; on CUDA the device's used and total memory through the CUDA runtime libtorch loaded, see
+//! [`cuda_mem_info`]), and [`estimate`]: what a training configuration needs per device before you
+//! launch it.
+use anyhow::{bail, Context, Result};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
 fn status_kib(field: &str) -> Result<u64> {
     let s = std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status (Linux only)")?;
@@ -182,4 +184,71 @@ pub fn host_total_bytes() -> Result<u64> {
         .context("no MemTotal in /proc/meminfo")?
         .context("cannot parse MemTotal")?;
     Ok(kib * 1024)
+}
+
+/// Memory available to new allocations on this host (`MemAvailable` of /proc/meminfo), in bytes.
+pub fn host_available_bytes() -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo (Linux only)")?;
+    let kib = s
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:").map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>()))
+        .context("no MemAvailable in /proc/meminfo")?
+        .context("cannot parse MemAvailable")?;
+    Ok(kib * 1024)
+}
+
+/// The CUDA runtime's sonames, newest first; libtorch 2.13's CUDA wheels bring libcudart.so.13.
+const CUDART: [&str; 4] = ["libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"];
+
+/// Free and total memory of CUDA device `index` in bytes, as the driver reports them
+/// (`cudaMemGetInfo`), through the CUDA runtime libtorch already loaded into this process (tch binds
+/// no allocator statistics). Used = total - free is device-wide: this process's CUDA context and
+/// everything libtorch's caching allocator holds (which it keeps once reserved, so used memory read
+/// after the first steps is the reserved peak), plus other processes on the same GPU.
+/// Errors on a machine without a usable GPU, or when no CUDA runtime is loaded (call
+/// `runtime::init` first, which loads libtorch_cuda and with it the runtime).
+pub fn cuda_mem_info(index: usize) -> Result<(u64, u64)> {
+    type GetDevice = unsafe extern "C" fn(*mut c_int) -> c_int;
+    type SetDevice = unsafe extern "C" fn(c_int) -> c_int;
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
+    type ErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
+    // SAFETY: RTLD_NOLOAD returns a handle only to a library already mapped (libtorch's own CUDA
+    // runtime, never a second copy); the symbols are the CUDA runtime's documented C API with
+    // these signatures; the handle stays open (the library is never unloaded while libtorch lives).
+    unsafe {
+        let handle = CUDART
+            .iter()
+            .map(|n| CString::new(*n).unwrap())
+            .map(|n| libc::dlopen(n.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD))
+            .find(|h| !h.is_null())
+            .context("no CUDA runtime (libcudart) is loaded in this process: CPU-only libtorch, or runtime::init not called yet")?;
+        let sym = |name: &str| -> Result<*mut c_void> {
+            let c = CString::new(name).unwrap();
+            let p = libc::dlsym(handle, c.as_ptr());
+            if p.is_null() {
+                bail!("the loaded CUDA runtime has no {name}");
+            }
+            Ok(p)
+        };
+        let get_device: GetDevice = std::mem::transmute(sym("cudaGetDevice")?);
+        let set_device: SetDevice = std::mem::transmute(sym("cudaSetDevice")?);
+        let mem_get_info: MemGetInfo = std::mem::transmute(sym("cudaMemGetInfo")?);
+        let error_string: ErrorString = std::mem::transmute(sym("cudaGetErrorString")?);
+        let check = |code: c_int, what: &str| -> Result<()> {
+            if code != 0 {
+                let msg = CStr::from_ptr(error_string(code)).to_string_lossy();
+                bail!("cuda:{index}: {what} failed: {msg} (error {code})");
+            }
+            Ok(())
+        };
+        let mut previous: c_int = 0;
+        check(get_device(&mut previous), "cudaGetDevice")?;
+        check(set_device(index as c_int), "cudaSetDevice")?;
+        let (mut free, mut total) = (0usize, 0usize);
+        let result = check(mem_get_info(&mut free, &mut total), "cudaMemGetInfo");
+        // Give the thread its device back: libtorch's device guards assume nobody else switches it.
+        check(set_device(previous), "cudaSetDevice (restoring)")?;
+        result?;
+        Ok((free as u64, total as u64))
+    }
 }

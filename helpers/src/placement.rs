@@ -67,17 +67,31 @@ pub fn validate(map: &[Device], n_experts: usize) -> Result<()> {
     Ok(())
 }
 
-/// Parses a map spec: `contiguous:cuda:0,cuda:1`, `round-robin:cuda:0,cpu`, or an explicit list
-/// with one device per expert (`cuda:0,cuda:0,cuda:1,...`).
+/// Free memory of a device now, in bytes: the driver's figure for a GPU, the host's available
+/// memory for the CPU.
+pub fn free_memory(device: Device) -> Result<f64> {
+    Ok(match device {
+        Device::Cuda(i) => crate::memory::cuda_mem_info(i)?.0 as f64,
+        _ => crate::memory::host_available_bytes()? as f64,
+    })
+}
+
+/// Parses a map spec: `contiguous:cuda:0,cuda:1`, `round-robin:cuda:0,cpu`,
+/// `by-free-memory:cuda:0,cuda:1` (blocks in proportion to each device's free memory now), or an
+/// explicit list with one device per expert (`cuda:0,cuda:0,cuda:1,...`).
 pub fn parse(spec: &str, n_experts: usize) -> Result<Vec<Device>> {
     let (strategy, list) = match spec.split_once(':') {
-        Some((s @ ("contiguous" | "round-robin"), rest)) => (Some(s), rest),
+        Some((s @ ("contiguous" | "round-robin" | "by-free-memory"), rest)) => (Some(s), rest),
         _ => (None, spec),
     };
     let n_cuda = tch::Cuda::device_count().max(0) as usize;
     let devices = list.split(',').map(|d| crate::runtime::parse_device(d, n_cuda)).collect::<Result<Vec<_>>>()?;
     match strategy {
         Some("contiguous") => expert_map(n_experts, &devices, &Strategy::Contiguous),
+        Some("by-free-memory") => {
+            let free = devices.iter().map(|d| free_memory(*d)).collect::<Result<Vec<_>>>()?;
+            expert_map(n_experts, &devices, &Strategy::ByFreeMemory(free))
+        }
         Some(_) => expert_map(n_experts, &devices, &Strategy::RoundRobin),
         None => {
             validate(&devices, n_experts)?;
@@ -109,6 +123,8 @@ mod tests {
         assert!(e.contains(&format!("expert 1 is mapped to cuda:{n}, but this machine has {n} CUDA device(s)")), "{e}");
         assert_eq!(parse("round-robin:cpu", 3).unwrap(), vec![Device::Cpu; 3]);
         assert_eq!(parse("cpu,cpu", 2).unwrap(), vec![Device::Cpu; 2]);
+        assert_eq!(parse("by-free-memory:cpu,cpu", 4).unwrap(), vec![Device::Cpu; 4]);
+        assert!(free_memory(Device::Cpu).unwrap() > 0.0);
         assert!(parse("cpu,cpu", 3).is_err());
         assert!(parse("contiguous:tpu:0", 2).is_err());
     }
