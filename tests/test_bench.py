@@ -16,7 +16,7 @@ def test_moe_benchmark_writes_its_table_and_json(tmp_path):
     assert proc.returncode == 0
     assert "MoE overhead ratio" in proc.stdout and "notebook (auto)" in proc.stdout
     r = json.loads(out.read_text())["results"]["cpu"]
-    assert set(r["train_step"]) == {"rust", "hf:eager", "hf:grouped_mm"}
+    assert set(r["train_step"]) == {"rust", "rust:plain-ce", "hf:eager", "hf:grouped_mm"}
     assert all(v["tokens_per_s"] > 0 and 0 < v["mfu"] for v in r["train_step"].values())
     assert r["moe_overhead_ratio"] > 0 and r["fastest_transformers"] in ("eager", "grouped_mm")
 

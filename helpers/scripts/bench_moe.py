@@ -8,7 +8,7 @@ config and model cells, running in a live Rust (evcxr) kernel; the Python side i
 OlmoeForCausalLM with the same shapes in this process. Rounds are interleaved (Rust, then each
 transformers variant, then the next round) and the median of `--repeats` rounds is reported:
 (a) the full training step (forward, cross-entropy + load-balancing loss, backward, AdamW step):
-    the notebook (expert path `auto`) vs transformers with each experts implementation (`eager`,
+    the notebook (expert path `auto`, fused cross-entropy; also with the logits' cross-entropy) vs transformers with each experts implementation (`eager`,
     `batched_mm`, `grouped_mm`), tokens/s and ratios against the faster and the eager one;
 (b) the MoE layer forward+backward vs a dense SwiGLU with the same active FLOPs (intermediate
     size K x I): the MoE overhead ratio; and vs transformers' OlmoeSparseMoeBlock;
@@ -52,7 +52,8 @@ fn bench_cfg(d: i64, l: i64, h: i64, e: i64, k: i64, i: i64, balanced: bool) -> 
 }
 
 /// Seconds per training step (forward, CE + 0.01 x load balancing, backward, AdamW), median of `steps` after one warm-up.
-fn bench_train_step(cfg: &ModelConfig, b: i64, t: i64, steps: usize, device: Device, kind: Kind) -> f64 {
+/// `loss_chunk` > 0: the notebook's fused cross-entropy in chunks of that many tokens; 0: logits, then cross-entropy.
+fn bench_train_step(cfg: &ModelConfig, b: i64, t: i64, steps: usize, device: Device, kind: Kind, loss_chunk: i64) -> f64 {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
     let model = OlmoeForCausalLM::new(&vs, cfg);
@@ -68,9 +69,13 @@ fn bench_train_step(cfg: &ModelConfig, b: i64, t: i64, steps: usize, device: Dev
         bench_sync(device);
         let t0 = std::time::Instant::now();
         opt.zero_grad();
-        let (logits, routers) = model.forward(&inp);
-        let loss = cross_entropy(&logits, &tgt) + load_balancing_loss(&routers, cfg.num_experts, cfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * 0.01;
-        loss.backward();
+        let (h, routers) = model.hidden(&inp);
+        let head = if loss_chunk > 0 {
+            fused_cross_entropy(&model.head_input(&h), &model.lm_head.weight, &tgt, loss_chunk, 1.0).1
+        } else {
+            cross_entropy(&model.head(&h), &tgt)
+        };
+        (head + load_balancing_loss(&routers, cfg.num_experts, cfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * 0.01).backward();
         opt.step(1.0);
         bench_sync(device);
         if s > 0 { times.push(t0.elapsed().as_secs_f64()); }
@@ -105,11 +110,12 @@ fn bench_layers(cfg: &ModelConfig, n: i64, steps: usize, device: Device, kind: K
 
 fn bench_round(p: &[i64], balanced: bool, b: i64, t: i64, steps: usize, device: Device, kind: Kind) {
     let cfg = bench_cfg(p[0], p[1], p[2], p[3], p[4], p[5], balanced);
-    let step_s = bench_train_step(&cfg, b, t, steps, device, kind);
+    let step_s = bench_train_step(&cfg, b, t, steps, device, kind, TrainConfig::olmoe().loss_chunk);
+    let plain_s = bench_train_step(&cfg, b, t, steps, device, kind, 0);
     let (moe_s, dense_s) = bench_layers(&cfg, b * t, steps, device, kind);
     let (_, active) = cfg.param_counts();
     let flops = helpers::perf::train_flops_per_token(active - cfg.vocab_size * cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_size, t);
-    println!("@@bench@@{}", serde_json::json!({"step_s": step_s, "moe_layer_s": moe_s, "dense_layer_s": dense_s, "flops_per_token": flops}));
+    println!("@@bench@@{}", serde_json::json!({"step_s": step_s, "step_plain_ce_s": plain_s, "moe_layer_s": moe_s, "dense_layer_s": dense_s, "flops_per_token": flops}));
 }
 
 fn bench_peak(device: Device, kind: Kind) {
@@ -247,19 +253,20 @@ def main():
         print(f"GEMM peak measured in the kernel: {peak / 1e12:.3f} TFLOP/s", flush=True)
         for name in presets:
             p = PRESETS[name]
-            runs = {"rust": [], **{f"hf:{i}": [] for i in impls}}
+            runs = {"rust": [], "rust:plain-ce": [], **{f"hf:{i}": [] for i in impls}}
             layer = {"rust_moe": [], "rust_dense": [], **{f"hf_moe:{i}": [] for i in impls}}
             for r in range(args.repeats):
                 cell = rust.run(f"bench_round(&{list(p)}, {str(args.balanced).lower()}, {args.batch}, {args.seq}, {args.steps}, {rdev}, {rkind});")
                 out = rust_json(cell)
                 runs["rust"].append(out["step_s"])
+                runs["rust:plain-ce"].append(out["step_plain_ce_s"])
                 layer["rust_moe"].append(out["moe_layer_s"])
                 layer["rust_dense"].append(out["dense_layer_s"])
                 flops = out["flops_per_token"]
                 for i in impls:
                     runs[f"hf:{i}"].append(hf_train_step(p, i, args.batch, args.seq, args.steps, device, dtype))
                     layer[f"hf_moe:{i}"].append(hf_moe_layer(p, i, args.batch * args.seq, args.steps, device, dtype))
-                print(f"  {name} round {r + 1}/{args.repeats}: rust {out['step_s']:.3f}s/step, "
+                print(f"  {name} round {r + 1}/{args.repeats}: rust {out['step_s']:.3f}s/step (plain CE {out['step_plain_ce_s']:.3f}s), "
                       + ", ".join(f"{i} {runs[f'hf:{i}'][-1]:.3f}s" for i in impls), flush=True)
             tokens = args.batch * args.seq
             med = {k: statistics.median(v) for k, v in runs.items()}
@@ -283,7 +290,7 @@ def main():
     print(f"\n{'preset':10} {'implementation':28} {'tokens/s':>10} {'MFU':>7} {'ours is':>10}")
     for name, r in results.items():
         for k, v in r["train_step"].items():
-            label = "notebook (auto)" if k == "rust" else f"transformers {k[3:]}"
+            label = {"rust": "notebook (auto)", "rust:plain-ce": "notebook, unfused CE"}.get(k, f"transformers {k[3:]}")
             ratio = r["train_step"][k]["median_s"] / r["train_step"]["rust"]["median_s"]
             print(f"{name:10} {label:28} {v['tokens_per_s']:10,.0f} {v['mfu'] * 100:6.1f}% {ratio:9.2f}x")
     print(f"\n{'preset':10} {'MoE layer fwd+bwd':28} {'ms':>10} {'vs dense':>9}")
