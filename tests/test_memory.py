@@ -17,7 +17,8 @@ EXPERIMENT = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
 TOLERANCE = 0.25  # |estimate - measured| / measured
 
 MEMORY_CELL = r'''
-fn mem_case(name: &str, cfg: &ModelConfig, b: i64, t: i64, checkpointing: bool) -> (f64, f64) {
+/// `loss_chunk` > 0: the training step's fused cross-entropy; 0: logits, then cross-entropy.
+fn mem_case(name: &str, cfg: &ModelConfig, b: i64, t: i64, checkpointing: bool, loss_chunk: i64) -> (f64, f64) {
     helpers::memory::reset_peak_rss().unwrap();
     let base = helpers::memory::rss_bytes().unwrap() as f64;
     {
@@ -32,9 +33,13 @@ fn mem_case(name: &str, cfg: &ModelConfig, b: i64, t: i64, checkpointing: bool) 
         let (inp, tgt) = (x.narrow(1, 0, t), x.narrow(1, 1, t));
         for _ in 0..3 {
             opt.zero_grad();
-            let (logits, routers) = model.forward(&inp);
-            let loss = cross_entropy(&logits, &tgt) + load_balancing_loss(&routers, cfg.num_experts, cfg.num_experts_per_tok, LoadBalancingNorm::Megablocks) * 0.01;
-            loss.backward();
+            let (h, routers) = model.hidden(&inp);
+            let head = if loss_chunk > 0 {
+                fused_cross_entropy(&model.head_input(&h), &model.lm_head.weight, &tgt, loss_chunk, 1.0).1
+            } else {
+                cross_entropy(&model.head(&h), &tgt)
+            };
+            (head + load_balancing_loss(&routers, cfg.num_experts, cfg.num_experts_per_tok, LoadBalancingNorm::Megablocks) * 0.01).backward();
             opt.step(1.0);
         }
     }
@@ -43,7 +48,7 @@ fn mem_case(name: &str, cfg: &ModelConfig, b: i64, t: i64, checkpointing: bool) 
         experts: cfg.num_experts, top_k: cfg.num_experts_per_tok, intermediate: cfg.intermediate_size, shared_experts: cfg.n_shared_experts,
         dense_layers: cfg.n_dense_layers, dense_intermediate: cfg.dense_intermediate_size };
     let train = helpers::memory::TrainShape { micro_batch: b, seq_len: t, compute_bytes: 4, master_weights: false, muon_fraction: 0.0,
-        activation_checkpointing: checkpointing, grouped_experts: true };
+        activation_checkpointing: checkpointing, grouped_experts: true, loss_chunk };
     let est = helpers::memory::estimate(&shape, &train, &[("cpu".to_string(), None)], &[]).unwrap();
     print!("{est}");
     let e = est.devices[0].peak();
@@ -51,9 +56,9 @@ fn mem_case(name: &str, cfg: &ModelConfig, b: i64, t: i64, checkpointing: bool) 
     (e, measured)
 }
 let small = ModelConfig { num_hidden_layers: 4, ..ModelConfig::cpu() };
-mem_case("cpu-preset 16x128", &small, 16, 128, false);
+mem_case("cpu-preset 16x128 fused CE", &small, 16, 128, false, TrainConfig::olmoe().loss_chunk);
 let wide = ModelConfig { num_hidden_layers: 2, hidden_size: 256, num_experts: 32, num_experts_per_tok: 4, intermediate_size: 128, ..ModelConfig::cpu() };
-mem_case("e32-k4 8x256", &wide, 8, 256, false);
+mem_case("e32-k4 8x256 unfused CE", &wide, 8, 256, false, 0);
 '''
 
 

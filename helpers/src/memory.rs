@@ -23,8 +23,15 @@ pub fn peak_rss_bytes() -> Result<u64> {
     Ok(status_kib("VmHWM:")? * 1024)
 }
 
-/// Resets the peak to the current RSS (writes 5 to /proc/self/clear_refs, Linux >= 4.0).
+/// Resets the peak to the current RSS (writes 5 to /proc/self/clear_refs, Linux >= 4.0), after
+/// handing memory that was freed but kept by the C allocator back to the system (`malloc_trim`):
+/// otherwise the next peak would reuse it unseen and read low.
 pub fn reset_peak_rss() -> Result<()> {
+    // SAFETY: malloc_trim only releases free pages of glibc's heap.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
     std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS (/proc/self/clear_refs)")
 }
 
@@ -57,6 +64,8 @@ pub struct TrainShape {
     /// The grouped expert path stacks every layer's expert weights for its matmuls, and autograd
     /// keeps the stacked copies until the backward pass.
     pub grouped_experts: bool,
+    /// Tokens per chunk of the fused cross-entropy (`train.loss_chunk`); 0 = full logits.
+    pub loss_chunk: i64,
 }
 
 /// Bytes on one device.
@@ -112,7 +121,8 @@ impl std::fmt::Display for Estimate {
 /// router, shared experts, dense layers, head) is on `devices[0]`, as the notebook places it.
 /// Activations are counted from what autograd keeps per token in the notebook's forward (fp32
 /// norms and router, the K-fold token stream through the experts, the fp32 logits and their
-/// log-softmax); with activation checkpointing only block inputs plus one block's activations.
+/// log-softmax or, fused, one chunk of them); with activation checkpointing only block inputs plus
+/// one block's activations.
 pub fn estimate(m: &ModelShape, t: &TrainShape, devices: &[(String, Option<f64>)], expert_devices: &[usize]) -> Result<Estimate> {
     anyhow::ensure!(!devices.is_empty(), "no devices given");
     anyhow::ensure!(
@@ -141,8 +151,15 @@ pub fn estimate(m: &ModelShape, t: &TrainShape, devices: &[(String, Option<f64>)
     let attn_act = 10.0 * d * s + 3.0 * d * 4.0;
     let moe_act = 3.0 * d * 4.0 + 2.0 * e * 4.0 + (4.0 * k * d + 4.0 * k * i) * s + m.shared_experts as f64 * (4.0 * i + d) * s;
     let dense_act = 3.0 * d * 4.0 + (4.0 * m.dense_intermediate as f64 + d) * s;
-    // Final norm; fp32 logits and log-softmax, and at the start of the backward pass their gradients.
-    let head_act = 3.0 * d * 4.0 + 4.0 * m.vocab as f64 * 4.0;
+    // Final norm; unfused: fp32 logits and log-softmax, and at the start of the backward pass their
+    // gradients. Fused: the head's input gradient per token, and once: one chunk's fp32 logits (and
+    // a temporary of the same size) and the head's weight gradient (fp32 sum, then its cast).
+    let v = m.vocab as f64;
+    let (head_act, head_once) = if t.loss_chunk > 0 {
+        (3.0 * d * 4.0 + 2.0 * d * s, 2.0 * (t.loss_chunk as f64).min(tokens) * v * 4.0 + v * d * (4.0 + s))
+    } else {
+        (3.0 * d * 4.0 + 4.0 * v * 4.0, 0.0)
+    };
     let block_act = |moe: bool| attn_act + if moe { moe_act } else { dense_act };
     let all_blocks = moe_layers * block_act(true) + m.dense_layers as f64 * block_act(false);
     let acts_per_token = if t.activation_checkpointing {
@@ -160,7 +177,7 @@ pub fn estimate(m: &ModelShape, t: &TrainShape, devices: &[(String, Option<f64>)
         dm.optimizer += n * opt_per_param;
     };
     add_params(&mut out[0], primary_params);
-    out[0].activations += tokens * acts_per_token;
+    out[0].activations += tokens * acts_per_token + head_once;
     for j in 0..m.experts as usize {
         let dev = expert_devices.get(j).copied().unwrap_or(0);
         add_params(&mut out[dev], moe_layers * expert_params);
