@@ -5,12 +5,17 @@
 use anyhow::{bail, Context, Result};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
-fn status_kib(field: &str) -> Result<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status (Linux only)")?;
+/// A "Field:   123 kB" line of a /proc file, in KiB.
+fn proc_kib(file: &str, field: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(file).with_context(|| format!("cannot read {file} (Linux only)"))?;
     s.lines()
         .find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>()))
-        .with_context(|| format!("no {field} in /proc/self/status"))?
+        .with_context(|| format!("no {field} in {file}"))?
         .with_context(|| format!("cannot parse {field}"))
+}
+
+fn status_kib(field: &str) -> Result<u64> {
+    proc_kib("/proc/self/status", field)
 }
 
 /// Resident set size of this process in bytes.
@@ -194,24 +199,12 @@ pub fn estimate(m: &ModelShape, t: &TrainShape, devices: &[(String, Option<f64>)
 
 /// Total memory of this machine in bytes (`MemTotal` of /proc/meminfo).
 pub fn host_total_bytes() -> Result<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo (Linux only)")?;
-    let kib = s
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>()))
-        .context("no MemTotal in /proc/meminfo")?
-        .context("cannot parse MemTotal")?;
-    Ok(kib * 1024)
+    Ok(proc_kib("/proc/meminfo", "MemTotal:")? * 1024)
 }
 
 /// Memory available to new allocations on this host (`MemAvailable` of /proc/meminfo), in bytes.
 pub fn host_available_bytes() -> Result<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo (Linux only)")?;
-    let kib = s
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:").map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>()))
-        .context("no MemAvailable in /proc/meminfo")?
-        .context("cannot parse MemAvailable")?;
-    Ok(kib * 1024)
+    Ok(proc_kib("/proc/meminfo", "MemAvailable:")? * 1024)
 }
 
 /// The CUDA runtime's sonames, newest first; libtorch 2.13's CUDA wheels bring libcudart.so.13.
@@ -267,5 +260,20 @@ pub fn cuda_mem_info(index: usize) -> Result<(u64, u64)> {
         check(set_device(previous), "cudaSetDevice (restoring)")?;
         result?;
         Ok((free as u64, total as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_figures_are_read_and_consistent() {
+        let (total, available) = (host_total_bytes().unwrap(), host_available_bytes().unwrap());
+        assert!(0 < available && available <= total, "available {available}, total {total}");
+        let (rss, peak) = (rss_bytes().unwrap(), peak_rss_bytes().unwrap());
+        assert!(0 < rss && rss <= peak, "rss {rss}, peak {peak}");
+        let e = proc_kib("/proc/meminfo", "NoSuchField:").unwrap_err().to_string();
+        assert_eq!(e, "no NoSuchField: in /proc/meminfo");
     }
 }
