@@ -4,6 +4,14 @@
 #   bash setup.sh              set up only: Python env, Rust kernel, helpers build
 #   bash setup.sh run [NB]     set up, then execute NB headlessly (default: the base-olmoe experiment)
 #                              (MOE_RESUME=runs/<exp>/<time> continues a run from its latest checkpoint)
+#   bash setup.sh run --program [NB]
+#                              the same run as a compiled program (no Jupyter kernel needed)
+#   bash setup.sh build [NB] [--skip-tag TAG]
+#                              turn NB's code cells into a Rust program, built in release mode
+#   bash setup.sh gpu-check --prepare | --dry-run | [DIR]
+#                              the GPU proof: a folder (program built against torch 2.11.0 + driver
+#                              script) for a GPU machine without Rust; its CPU dry run; or run it
+#   bash setup.sh torch-plan   say which PyTorch setup would use (existing install or which wheel)
 #   bash setup.sh generate RUN [PROMPT] [NB]
 #                              sample from a saved run's latest checkpoint (NB's training cells skipped)
 #   bash setup.sh wandb-sync RUN
@@ -23,8 +31,16 @@
 #   bash setup.sh env          print the environment exports, for `eval "$(bash setup.sh env)"`
 #
 # Needs: bash, git, python3 >= 3.10 with venv, a C++ compiler (g++), Rust via rustup (cargo on PATH).
-# No root: everything goes into .venv/, target/ and ~/.cargo. Downloads come only from PyPI and
-# crates.io. On a GPU pod the same wheel brings the CUDA libraries; only an NVIDIA driver is needed.
+# No root: everything goes into .venv/, target/ and ~/.cargo. Downloads come from PyPI and crates.io
+# (and PyTorch's own index for a CUDA 12 build when the NVIDIA driver is older than 580).
+#
+# PyTorch: MOE_TORCH_PYTHON=/path/to/python uses the torch installed there (a pod image's) instead
+# of downloading one, when tch has a release for its version (torch 2.13.0 = tch 0.26.0, torch
+# 2.11.0 = tch 0.24.0). Programs build against either; the notebooks' kernel needs 2.13.0 (the
+# notebooks pin tch 0.26.0). Without it, torch 2.13.0 is installed into .venv, in the CUDA build the
+# NVIDIA driver supports (nvidia-smi): CUDA 13 (PyPI's default wheel) needs driver >= 580, older
+# drivers get PyTorch's cu128 (>= 570) or cu126 (>= 525) build; MOE_TORCH_INDEX=pypi|cu128|cu126|cpu
+# forces one.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -66,17 +82,136 @@ pip_install() {
   die "pip install $* failed 4 times; check the network (PyPI reachable?) and run the command again"
 }
 
+# --- Which PyTorch ------------------------------------------------------------------------------
+TORCH_PIN="2.13.0"   # what the notebooks' tch (0.26.0) binds, and what .venv gets
+# torch version -> the tch release that binds it (torch-sys's TORCH_VERSION); helpers/program knows
+# the same table (moe_program::TORCH_TCH) and refuses others.
+tch_for_torch() {
+  case "${1%%+*}" in
+    2.13.0) echo 0.26.0 ;;
+    2.11.0) echo 0.24.0 ;;
+    *) return 1 ;;
+  esac
+}
+
+# "VERSION TORCH_DIR" of the torch a python has, without importing it (importing needs its CUDA
+# libraries; linking does not); "none" when it has none.
+torch_of() {
+  "$1" - <<'PY' 2>/dev/null || echo none
+import importlib.metadata as md, importlib.util
+try:
+    v = md.version("torch")
+    spec = importlib.util.find_spec("torch")
+    print(v, spec.submodule_search_locations[0])
+except Exception:
+    print("none")
+PY
+}
+
+# The NVIDIA driver's version from nvidia-smi, or nothing when there is none.
+driver_version() {
+  command -v nvidia-smi >/dev/null || return 0
+  nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ' || true
+}
+
+# Which build of torch TORCH_PIN to install: sets TORCH_INDEX (pypi|cu128|cu126|cpu) and TORCH_WHY.
+# CUDA 13 wheels (PyPI's default torch wheel since 2.9) need driver >= 580; CUDA 12.8 builds >= 570
+# (Blackwell support); CUDA 12.6 builds run on >= 525 through CUDA 12's minor-version compatibility.
+choose_torch_wheel() {
+  local drv major
+  if [ -n "${MOE_TORCH_INDEX:-}" ]; then
+    case "$MOE_TORCH_INDEX" in pypi|cu128|cu126|cpu) ;; *) die "MOE_TORCH_INDEX=$MOE_TORCH_INDEX: use pypi, cu128, cu126 or cpu" ;; esac
+    TORCH_INDEX="$MOE_TORCH_INDEX"; TORCH_WHY="MOE_TORCH_INDEX=$MOE_TORCH_INDEX"; return
+  fi
+  drv="$(driver_version)"
+  if [ -z "$drv" ]; then
+    TORCH_INDEX=pypi; TORCH_WHY="no NVIDIA driver (no nvidia-smi): PyPI's default wheel (CUDA 13 build, runs on CPU)"; return
+  fi
+  major="${drv%%.*}"
+  case "$major" in ''|*[!0-9]*) die "nvidia-smi reported driver version '$drv', which is not a number; set MOE_TORCH_INDEX=pypi|cu128|cu126|cpu" ;; esac
+  if [ "$major" -ge 580 ]; then TORCH_INDEX=pypi; TORCH_WHY="NVIDIA driver $drv >= 580: PyPI's default wheel (CUDA 13)"
+  elif [ "$major" -ge 570 ]; then TORCH_INDEX=cu128; TORCH_WHY="NVIDIA driver $drv < 580 (CUDA 13 needs 580): PyTorch's CUDA 12.8 build"
+  elif [ "$major" -ge 525 ]; then TORCH_INDEX=cu126; TORCH_WHY="NVIDIA driver $drv < 570: PyTorch's CUDA 12.6 build"
+  else TORCH_INDEX=cpu; TORCH_WHY="NVIDIA driver $drv is older than any CUDA build of torch $TORCH_PIN supports (>= 525): the CPU build; update the driver to train on the GPU"
+  fi
+}
+
+# pip arguments that install TORCH_PIN in the build TORCH_INDEX names.
+torch_pip_args() {
+  case "$TORCH_INDEX" in
+    pypi) echo "torch==$TORCH_PIN" ;;
+    *) echo "torch==$TORCH_PIN+$TORCH_INDEX --index-url https://download.pytorch.org/whl/$TORCH_INDEX --extra-index-url https://pypi.org/simple" ;;
+  esac
+}
+
+# Sets TORCH_VERSION, TORCH_DIR (site-packages/torch), TCH_VERSION for the torch in use:
+# MOE_TORCH_PYTHON's when set, else .venv's.
+resolve_torch() {
+  local py="${MOE_TORCH_PYTHON:-$VENV/bin/python}" info
+  if [ -n "${MOE_TORCH_PYTHON:-}" ]; then
+    [ -x "$MOE_TORCH_PYTHON" ] || die "MOE_TORCH_PYTHON=$MOE_TORCH_PYTHON is not an executable python"
+  fi
+  info="$(torch_of "$py")"
+  [ "$info" != none ] || die "$py has no torch installed; point MOE_TORCH_PYTHON at a python with torch 2.13.0 or 2.11.0, or unset it"
+  TORCH_VERSION="${info%% *}"; TORCH_DIR="${info#* }"
+  TCH_VERSION="$(tch_for_torch "$TORCH_VERSION")" \
+    || die "torch $TORCH_VERSION (from $py) has no tch release this project knows: torch 2.13.0 = tch 0.26.0, torch 2.11.0 = tch 0.24.0; unset MOE_TORCH_PYTHON to let setup download torch $TORCH_PIN"
+  [ -f "$TORCH_DIR/lib/libtorch_cpu.so" ] || die "$TORCH_DIR/lib has no libtorch_cpu.so; is $py's torch a complete install?"
+}
+
+# An existing PyTorch on this machine, offered before downloading one.
+offer_existing_torch() {
+  local py info
+  for py in /opt/torch/.venv/bin/python3 /opt/conda/bin/python /usr/bin/python3 "$(command -v python3 || true)"; do
+    [ -n "$py" ] && [ -x "$py" ] || continue
+    info="$(torch_of "$py")"
+    [ "$info" != none ] || continue
+    if tch_for_torch "${info%% *}" >/dev/null; then
+      say "found torch ${info%% *} at $py: MOE_TORCH_PYTHON=$py uses it instead of downloading torch $TORCH_PIN (~5 GB)"
+      return
+    fi
+  done
+}
+
 python_env() {
-  local stamp="$VENV/.setup-python" want
-  want="$(printf '%s\n' "${PY_PKGS[@]}")"
+  local stamp="$VENV/.setup-python" want pkgs=() info
+  if [ -n "${MOE_TORCH_PYTHON:-}" ]; then
+    info="$(torch_of "$MOE_TORCH_PYTHON")"
+    [ "${info%% *}" != none ] && [ "$(tch_for_torch "${info%% *}" || true)" = 0.26.0 ] \
+      || die "MOE_TORCH_PYTHON=$MOE_TORCH_PYTHON has torch ${info%% *}: programs can use it (bash setup.sh run --program), but the notebooks' kernel needs torch $TORCH_PIN (the notebooks pin tch 0.26.0); unset MOE_TORCH_PYTHON for notebooks"
+    # .venv made by that python, seeing its packages through a .pth file (after .venv's own).
+    want="existing torch: $MOE_TORCH_PYTHON $(printf '%s\n' "${PY_PKGS[@]}")"
+    for p in "${PY_PKGS[@]}"; do [[ "$p" == torch==* ]] || pkgs+=("$p"); done
+  else
+    choose_torch_wheel
+    want="$(printf '%s\n' "${PY_PKGS[@]}")"
+    [ "$TORCH_INDEX" = pypi ] || want="$want torch-index=$TORCH_INDEX"
+    pkgs=("${PY_PKGS[@]}")
+  fi
   if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    say "python env .venv: up to date (torch 2.13.0, transformers, jupyterlab, nbclient, pytest)"
+    say "python env .venv: up to date (torch $(torch_of "$VENV/bin/python" | cut -d' ' -f1), transformers, jupyterlab, nbclient, pytest)"
     return
   fi
-  [ -x "$VENV/bin/python" ] || { say "creating python env .venv"; python3 -m venv "$VENV"; }
+  if [ -n "${MOE_TORCH_PYTHON:-}" ]; then
+    [ -x "$VENV/bin/python" ] || { say "creating python env .venv with $MOE_TORCH_PYTHON (its torch ${info%% *} is used, not downloaded)"; "$MOE_TORCH_PYTHON" -m venv "$VENV"; }
+    "$MOE_TORCH_PYTHON" -c 'import site, sys; print("\n".join(p for p in site.getsitepackages() if p))' \
+      > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_moe_existing_torch.pth"
+    say "installing ${pkgs[*]} into .venv"
+    pip_install --upgrade pip
+    pip_install "${pkgs[@]}"
+    printf '%s' "$want" > "$stamp"
+    return
+  fi
+  [ -x "$VENV/bin/python" ] || { offer_existing_torch; say "creating python env .venv"; python3 -m venv "$VENV"; }
+  say "torch $TORCH_PIN: $TORCH_WHY"
   say "installing ${PY_PKGS[*]} into .venv (first time: ~5 GB with torch's CUDA libraries, a few minutes)"
   pip_install --upgrade pip
-  pip_install "${PY_PKGS[@]}"
+  if [ "$TORCH_INDEX" != pypi ]; then
+    # shellcheck disable=SC2046 # word splitting of the index arguments is intended
+    pip_install $(torch_pip_args)
+    pkgs=(); for p in "${PY_PKGS[@]}"; do [[ "$p" == torch==* ]] || pkgs+=("$p"); done
+  fi
+  pip_install "${pkgs[@]}"
   printf '%s' "$want" > "$stamp"
 }
 
@@ -85,7 +220,10 @@ export_env() {
   export VIRTUAL_ENV="$VENV"
   export PATH="$VENV/bin:$PATH"
   export LIBTORCH_USE_PYTORCH=1
-  TORCH_LIB="$VENV/lib/python$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages/torch/lib"
+  local info
+  info="$(torch_of "$VENV/bin/python")"
+  [ "$info" != none ] || die ".venv has no torch; remove .venv and run bash setup.sh again"
+  TORCH_LIB="${info#* }/lib"
   export TORCH_LIB
   export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export JUPYTER_PATH="$VENV/share/jupyter"
@@ -159,12 +297,84 @@ setup() {
   say "ready ($((SECONDS - t0))s)"
 }
 
+# --- Programs: a notebook compiled (helpers/program) ---------------------------------------------
+# What building a program needs: cargo, a C++ compiler and a torch (MOE_TORCH_PYTHON's, else .venv's);
+# no Jupyter, no evcxr.
+program_setup() {
+  check_prereqs
+  [ -n "${MOE_TORCH_PYTHON:-}" ] || python_env
+  resolve_torch
+  say "programs link torch $TORCH_VERSION from $TORCH_DIR (tch $TCH_VERSION)"
+  cargo build --quiet -p moe-program || die "building helpers/program failed (see the errors above)"
+}
+
+# build_program NOTEBOOK [--skip-tag TAG ...]: the program's binary path on stdout (progress on stderr).
+# torch-sys finds libtorch through LIBTORCH (headers and libraries of that torch directory), not by
+# importing torch, so a torch whose CUDA libraries are absent here still links.
+build_program() {
+  local nb="$1"; shift
+  [ -f "$nb" ] || die "notebook $nb does not exist"
+  env -u LIBTORCH_USE_PYTORCH LIBTORCH="$TORCH_DIR" LIBTORCH_CXX11_ABI=1 \
+    "$ROOT/target/debug/moe-program" build "$nb" --torch "$TORCH_VERSION" "$@" | tail -n1
+  [ "${PIPESTATUS[0]}" = 0 ] || die "building the program of $nb failed (see above)"
+}
+
+# run_program NOTEBOOK: build, then run it as run_notebook.py runs the notebook: MOE_RUN_DIR
+# defaults to runs/<experiment>/<UTC time> (a resumed run's own directory with MOE_RESUME), the
+# program's source is kept there as program.rs and its output as program.log.
+run_program() {
+  local nb="$1" bin exp run_dir r
+  bin="$(build_program "$nb")" || exit 1
+  exp="$(basename "$(cd "$(dirname "$nb")" && pwd)")"
+  if [ -z "${MOE_RUN_DIR:-}" ] && [ -n "${MOE_RESUME:-}" ]; then
+    r="$(cd "$MOE_RESUME" && pwd)"
+    if [ -f "$r/state.json" ]; then MOE_RUN_DIR="$(dirname "$(dirname "$r")")"; else MOE_RUN_DIR="$r"; fi
+  fi
+  run_dir="${MOE_RUN_DIR:-$ROOT/runs/$exp/$(date -u +%Y%m%d-%H%M%S)}"
+  mkdir -p "$run_dir"
+  export MOE_RUN_DIR="$run_dir"
+  cp "$(dirname "$bin")/../../src/$(basename "$bin")/main.rs" "$run_dir/program.rs" 2>/dev/null || true
+  say "running $(basename "$bin") (the program of $nb; MOE_PRESET=${MOE_PRESET:-default} MOE_STEPS=${MOE_STEPS:-default}); run dir $run_dir"
+  set +e
+  LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$bin" 2>&1 | tee -a "$run_dir/program.log"
+  local rc="${PIPESTATUS[0]}"
+  set -e
+  [ "$rc" = 0 ] && say "program finished; run dir $run_dir" || say "program FAILED (exit $rc); run dir $run_dir"
+  exit "$rc"
+}
+
+# The torch 2.11.0 the GPU check links (the build on the GPU machine this project may be lent):
+# MOE_TORCH_PYTHON's when it has 2.11.0, else target/torch-2.11.0 (PyPI's wheel, without its CUDA
+# libraries: linking and a CPU run need only libtorch's own files). Sets TORCH_VERSION, TORCH_DIR, TCH_VERSION.
+GPU_CHECK_TORCH="2.11.0"
+gpu_check_torch() {
+  if [ -n "${MOE_TORCH_PYTHON:-}" ]; then
+    resolve_torch
+    [ "${TORCH_VERSION%%+*}" = "$GPU_CHECK_TORCH" ] || die "the GPU check is built against torch $GPU_CHECK_TORCH (the GPU machine's); MOE_TORCH_PYTHON has $TORCH_VERSION: unset it"
+    return
+  fi
+  local dir="$ROOT/target/torch-$GPU_CHECK_TORCH"
+  if [ ! -f "$dir/.complete" ]; then
+    say "installing torch $GPU_CHECK_TORCH (the GPU machine's; libtorch only, no CUDA libraries) into $dir (~0.5 GB download)"
+    rm -rf "$dir"
+    "$VENV/bin/python" -m pip install --quiet --retries 10 --timeout 60 --no-deps --target "$dir" "torch==$GPU_CHECK_TORCH" \
+      || die "pip could not install torch==$GPU_CHECK_TORCH into $dir"
+    touch "$dir/.complete"
+  fi
+  TORCH_VERSION="$GPU_CHECK_TORCH"; TORCH_DIR="$dir/torch"; TCH_VERSION="$(tch_for_torch "$TORCH_VERSION")"
+}
+
 cmd="${1:-setup}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup)
     setup ;;
   run)
+    if [ "${1:-}" = --program ]; then
+      shift
+      program_setup
+      run_program "${1:-experiments/base-olmoe/experiment.ipynb}"
+    fi
     setup
     nb="${1:-experiments/base-olmoe/experiment.ipynb}"
     [ -f "$nb" ] || die "notebook $nb does not exist"
@@ -205,6 +415,47 @@ case "$cmd" in
     cargo test --quiet --workspace
     say "pytest (notebooks executed in the rust kernel, repository rules)"
     exec "$VENV/bin/python" -m pytest -v tests/ "$@" ;;
+  build)
+    nb="experiments/base-olmoe/experiment.ipynb"
+    if [ $# -gt 0 ] && [[ "$1" != --* ]]; then nb="$1"; shift; fi
+    program_setup
+    bin="$(build_program "$nb" "$@")" || exit 1
+    say "built $bin; run it from the project (LD_LIBRARY_PATH=$TORCH_DIR/lib), or: bash setup.sh run --program $nb" ;;
+  torch-plan)
+    check_prereqs
+    if [ -n "${MOE_TORCH_PYTHON:-}" ]; then
+      resolve_torch
+      say "MOE_TORCH_PYTHON: torch $TORCH_VERSION at $TORCH_DIR, tch $TCH_VERSION; nothing is downloaded"
+    else
+      choose_torch_wheel
+      say "torch $TORCH_PIN: $TORCH_WHY"
+      say "pip install $(torch_pip_args)"
+      offer_existing_torch
+    fi ;;
+  gpu-check)
+    case "${1:-}" in
+      --prepare)
+        shift
+        check_prereqs
+        [ -n "${MOE_TORCH_PYTHON:-}" ] || python_env
+        gpu_check_torch
+        say "GPU check: programs against torch $TORCH_VERSION ($TORCH_DIR, tch $TCH_VERSION)"
+        cargo build --quiet -p moe-program || die "building helpers/program failed"
+        exec "$VENV/bin/python" helpers/scripts/gpu_check.py prepare --torch "$TORCH_VERSION" --torch-dir "$TORCH_DIR" "$@" ;;
+      --dry-run)
+        shift
+        check_prereqs
+        python_env
+        gpu_check_torch
+        [ -x "$ROOT/target/gpu-check/gpu_check.py" ] || [ -f "$ROOT/target/gpu-check/gpu_check.py" ] \
+          || die "no prepared GPU check in target/gpu-check; run: bash setup.sh gpu-check --prepare"
+        # The driver's Python side (transformers) runs in .venv; the programs on torch 2.11.0's libtorch.
+        exec "$VENV/bin/python" "$ROOT/target/gpu-check/gpu_check.py" run --torch-lib "$TORCH_DIR/lib" --dry-run "$@" ;;
+      *)
+        dir="${1:-$ROOT/target/gpu-check}"
+        [ -f "$dir/gpu_check.py" ] || die "no prepared GPU check in $dir; run: bash setup.sh gpu-check --prepare"
+        exec python3 "$dir/gpu_check.py" run ;;
+    esac ;;
   lab)
     setup
     say "starting JupyterLab; open experiments/base-olmoe/experiment.ipynb (kernel: Rust)"
@@ -216,5 +467,5 @@ case "$cmd" in
     printf 'export VIRTUAL_ENV=%q PATH=%q LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH=%q JUPYTER_PATH=%q\n' \
       "$VIRTUAL_ENV" "$PATH" "$LD_LIBRARY_PATH" "$JUPYTER_PATH" ;;
   *)
-    die "unknown command '$cmd'; use one of: setup, run [NOTEBOOK], generate RUN [PROMPT], wandb-sync RUN, data ..., bench, bench-tokenize [FILE], sweep --grid ..., test, lab, env" ;;
+    die "unknown command '$cmd'; use one of: setup, run [--program] [NOTEBOOK], build [NOTEBOOK], gpu-check --prepare|--dry-run, torch-plan, generate RUN [PROMPT], wandb-sync RUN, data ..., bench, bench-tokenize [FILE], sweep --grid ..., test, lab, env" ;;
 esac
