@@ -344,9 +344,12 @@ run_program() {
 }
 
 # The torch 2.11.0 the GPU check links (the build on the GPU machine this project may be lent):
-# MOE_TORCH_PYTHON's when it has 2.11.0, else target/torch-2.11.0 (PyPI's wheel, without its CUDA
-# libraries: linking and a CPU run need only libtorch's own files). Sets TORCH_VERSION, TORCH_DIR, TCH_VERSION.
+# MOE_TORCH_PYTHON's when it has 2.11.0, else target/torch-2.11.0: PyPI's wheel without the ~3 GB
+# of CUDA libraries, only the two that libtorch_cpu.so itself needs (the CUDA runtime and CUPTI, at
+# the versions torch 2.11.0 requires), where its RPATH looks for them. That links, and runs on a CPU.
+# Sets TORCH_VERSION, TORCH_DIR, TCH_VERSION.
 GPU_CHECK_TORCH="2.11.0"
+GPU_CHECK_PKGS=(torch==2.11.0 "nvidia-cuda-runtime==13.0.96.*" "nvidia-cuda-cupti==13.0.85.*")
 gpu_check_torch() {
   if [ -n "${MOE_TORCH_PYTHON:-}" ]; then
     resolve_torch
@@ -354,12 +357,12 @@ gpu_check_torch() {
     return
   fi
   local dir="$ROOT/target/torch-$GPU_CHECK_TORCH"
-  if [ ! -f "$dir/.complete" ]; then
-    say "installing torch $GPU_CHECK_TORCH (the GPU machine's; libtorch only, no CUDA libraries) into $dir (~0.5 GB download)"
+  if [ ! -f "$dir/.complete" ] || [ "$(cat "$dir/.complete")" != "${GPU_CHECK_PKGS[*]}" ]; then
+    say "installing ${GPU_CHECK_PKGS[*]} (the GPU machine's torch, without most CUDA libraries) into $dir (~0.6 GB download)"
     rm -rf "$dir"
-    "$VENV/bin/python" -m pip install --quiet --retries 10 --timeout 60 --no-deps --target "$dir" "torch==$GPU_CHECK_TORCH" \
-      || die "pip could not install torch==$GPU_CHECK_TORCH into $dir"
-    touch "$dir/.complete"
+    "$VENV/bin/python" -m pip install --quiet --retries 10 --timeout 60 --no-deps --target "$dir" "${GPU_CHECK_PKGS[@]}" \
+      || die "pip could not install ${GPU_CHECK_PKGS[*]} into $dir"
+    printf '%s' "${GPU_CHECK_PKGS[*]}" > "$dir/.complete"
   fi
   TORCH_VERSION="$GPU_CHECK_TORCH"; TORCH_DIR="$dir/torch"; TCH_VERSION="$(tch_for_torch "$TORCH_VERSION")"
 }

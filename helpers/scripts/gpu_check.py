@@ -223,14 +223,15 @@ def run(args) -> int:
     specs = [
         {"op": "runtime"},
         {"op": "peak", "dtype": "bf16", "n": 8192 if not dry else 512},
+        {"op": "paths", **small, "experts": 16, "top_k": 4, "dtype": "fp32", "batch": 4, "seq": 256 if not dry else 64},
         {"op": "paths", **small, "experts": 16, "top_k": 4, "dtype": "bf16", "batch": 4, "seq": 256 if not dry else 64},
         {"op": "kv", **small, "tokens": 16 if not dry else 6},
         {"op": "placed", **small, "placement": "round-robin:cuda:0,cpu" if not dry else "round-robin:cpu", "batch": 4, "seq": 128 if not dry else 32},
     ]
-    res = {x["check"]["op"]: x for x in r.checks("checks", specs, 300 if not dry else 600, dev)}
+    results = r.checks("checks", specs, 300 if not dry else 600, dev)
     peak = None
-    for op in ("runtime", "peak", "paths", "kv", "placed"):
-        x = res.get(op) or {"ok": False, "error": "no result"}
+    for x in results:
+        op = x["check"]["op"]
         if not x.get("ok"):
             report.add(op, "error", x.get("error", "?")[:300])
             continue
@@ -248,19 +249,24 @@ def run(args) -> int:
             report.add("GEMM peak (bf16)", "info", f"{v['n']}^3 bf16 matmul: {peak / 1e12:.1f} TFLOP/s"
                        + ("" if dry else f" ({peak / DATASHEET_BF16_FLOPS:.0%} of the 989 TFLOP/s datasheet)"), v)
         elif op == "paths":
+            bf16 = x["check"]["dtype"] == "bf16"
+            loss_diff = max(v.get("grouped.loss_rel_diff", float("nan")), v.get("sorted.loss_rel_diff", float("nan")))
+            grad_diff = max(v.get("grouped.grad_rel_diff", float("nan")), v.get("sorted.grad_rel_diff", float("nan")))
             worst = max(v.get("grouped.grad_worst_rel_diff", float("nan")), v.get("sorted.grad_worst_rel_diff", float("nan")))
-            # bf16: each path rounds differently (grouped GEMMs vs one matmul per expert); gradients agree
-            # to a few bf16 ulps of their norm, logits within bf16 resolution.
-            ok = worst <= 0.05 and v.get("grouped.loss_rel_diff", 1) <= 0.01 and v.get("sorted.loss_rel_diff", 1) <= 0.01
-            report.add("expert paths bf16 (grouped, sorted vs loop)", "pass" if ok else "fail",
-                       f"loss rel diff grouped {v.get('grouped.loss_rel_diff', float('nan')):.1e}, sorted {v.get('sorted.loss_rel_diff', float('nan')):.1e}; "
-                       f"worst grad rel diff {worst:.1e} ({v.get('grouped.grad_worst_tensor')}); grouped kernel applies: {v.get('grouped.applies')}; on {dev}", v)
+            # fp32: the paths differ only in summation order. bf16: each rounds differently (grouped GEMMs
+            # vs one matmul per expert, where the gate weight scales), so the loss agrees to bf16
+            # resolution and all gradients as one vector to ~1%; a single small expert's gradient (few
+            # tokens, much cancellation) can differ more, which is reported, not judged.
+            ok = (loss_diff <= 1e-2 and grad_diff <= 3e-2) if bf16 else (loss_diff <= 1e-5 and worst <= 1e-4)
+            report.add(f"expert paths {x['check']['dtype']} (grouped, sorted vs loop)", "pass" if ok else "fail",
+                       f"loss rel diff {loss_diff:.1e}; gradients rel diff {grad_diff:.1e} overall, worst tensor {worst:.1e} "
+                       f"({v.get('grouped.grad_worst_tensor')}); grouped kernel applies: {v.get('grouped.applies')}; on {dev}", v)
         elif op == "kv":
             ok = v["logits_worst_rel_diff"] <= 1e-4
             report.add("KV-cache generation", "pass" if ok else "fail",
                        f"{v['tokens']} greedy tokens, same tokens: {v['tokens_equal']}; worst logits rel diff cached vs recomputed {v['logits_worst_rel_diff']:.1e} (fp32, {dev})", v)
         elif op == "placed":
-            ok = v["grad_worst_rel_diff"] <= 1e-4 and v["loss_rel_diff"] <= 1e-5
+            ok = v["grad_worst_rel_diff"] <= 1e-4 and v["loss_rel_diff"] <= 1e-5  # fp32: the same math on other devices
             report.add("placed experts", "pass" if ok else "fail",
                        f"{v['placement']}: loss rel diff {v['loss_rel_diff']:.1e}, worst grad rel diff {v['grad_worst_rel_diff']:.1e} vs unplaced (fp32)", v)
 
@@ -347,11 +353,16 @@ def run(args) -> int:
         elif hf_ok:
             detail += f"; transformers: {hf_note}"
         report.add(f"speed {label}", "info", detail + f"; {len(ours)} interleaved rounds", fig)
-        est, used = last["memory_estimate_bytes"], last["device_used_bytes"] or last["peak_rss_bytes"]
+        est = last["memory_estimate_bytes"]
+        if last["device_used_bytes"] is not None:
+            used, before = last["device_used_bytes"], last["device_used_before_bytes"] or 0
+            what = f"device used by the step {(used - before) / 2**30:.2f} GiB (driver: {used / 2**30:.2f} GiB in all, incl. CUDA context and the allocator's reserve)"
+        else:
+            used, before = last["peak_rss_bytes"], last["rss_before_bytes"] or 0
+            what = f"process peak RSS above its start {(used - before) / 2**30:.2f} GiB"
         if used:
-            what = "device used (driver; incl. CUDA context and the caching allocator's reserve)" if not dry else "process peak RSS"
-            report.add(f"memory {label}", "info", f"estimate {est / 2**30:.2f} GiB vs measured {used / 2**30:.2f} GiB ({what}): "
-                       f"{(est - used) / used:+.0%}", {"estimate_bytes": est, "measured_bytes": used})
+            report.add(f"memory {label}", "info", f"estimate {est / 2**30:.2f} GiB vs {what}: {(est - (used - before)) / max(used - before, 1):+.0%}",
+                       {"estimate_bytes": est, "measured_bytes": used - before, "measured_total_bytes": used})
 
     took = time.time() - t_start
     failed = report.failed()

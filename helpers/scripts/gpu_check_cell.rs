@@ -36,18 +36,24 @@ fn check_model(cfg: &ModelConfig, device: Device) -> (nn::VarStore, OlmoeForCaus
 fn check_grads(model: &OlmoeForCausalLM, named: &[(String, Tensor)], x: &Tensor, y: &Tensor, c: &TrainConfig) -> (f64, Vec<(String, Tensor)>) {
     for (_, t) in named { let mut g = t.grad(); if g.defined() { let _ = g.zero_(); } }
     let out = forward_backward(model, x, y, c, c.aux_loss_coef, 1.0, false, false);
-    let grads = named.iter().map(|(n, t)| (n.clone(), t.grad().to_device(Device::Cpu).to_kind(Kind::Float))).collect();
+    // copy(): on the CPU in fp32 the conversions are no-ops, and the next backward would write into these.
+    let grads = named.iter().map(|(n, t)| (n.clone(), t.grad().to_device(Device::Cpu).to_kind(Kind::Float).copy())).collect();
     (out.base.double_value(&[]), grads)
 }
 
-/// Largest relative difference (norm of the difference over the norm) between two sets of gradients.
-fn check_grad_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (f64, String) {
+/// Relative differences between two sets of gradients: the largest per tensor (norm of the difference
+/// over the tensor's norm, and which tensor) and the overall one (all tensors as one vector).
+fn check_grad_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (f64, String, f64) {
     let mut worst = (0f64, String::new());
+    let (mut diff2, mut norm2) = (0f64, 0f64);
     for ((n, ga), (_, gb)) in a.iter().zip(b) {
-        let rel = (ga - gb).norm().double_value(&[]) / gb.norm().double_value(&[]).max(1e-30);
+        let (d, g) = ((ga - gb).norm().double_value(&[]), gb.norm().double_value(&[]));
+        diff2 += d * d;
+        norm2 += g * g;
+        let rel = d / g.max(1e-30);
         if rel > worst.0 || rel.is_nan() { worst = (rel, n.clone()); }
     }
-    worst
+    (worst.0, worst.1, (diff2 / norm2.max(1e-300)).sqrt())
 }
 
 fn check_batch(cfg: &ModelConfig, b: i64, t: i64, device: Device) -> (Tensor, Tensor) {
@@ -97,6 +103,9 @@ fn run_check(spec: &serde_json::Value, rt: &helpers::runtime::Runtime, train_cfg
             let base_c = preset(spec["preset"].as_str().unwrap_or("cpu"))?.1;
             let c = TrainConfig { micro_batch_size: b, seq_len: t,
                 activation_checkpointing: spec["checkpointing"].as_bool().unwrap_or(base_c.activation_checkpointing), ..base_c };
+            // What this step adds to memory: the device's used memory (or the process's RSS) before it.
+            let used_before = match device { Device::Cuda(i) => helpers::memory::cuda_mem_info(i).ok().map(|(free, total)| (total - free) as f64), _ => None };
+            let rss_before = if device.is_cuda() { None } else { helpers::memory::reset_peak_rss().ok().and_then(|_| helpers::memory::rss_bytes().ok()).map(|b| b as f64) };
             let (vs, model, named) = check_model(&cfg, device);
             let mut opt = helpers::optim::Optimizer::new(named.iter().map(|(n, t)| (n.clone(), t.shallow_clone(), update_rule(n, t, &c))).collect(),
                 helpers::optim::OptimConfig { lr: 1e-4, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay,
@@ -130,7 +139,8 @@ fn run_check(spec: &serde_json::Value, rt: &helpers::runtime::Runtime, train_cfg
                 "batch": b, "seq": t, "dtype": format!("{kind:?}"), "activation_checkpointing": c.activation_checkpointing,
                 "parameters": n_total, "active_parameters": n_active, "step_s": times[times.len() / 2], "steps_s": times,
                 "tokens_per_s": (b * t) as f64 / times[times.len() / 2], "flops_per_token": flops, "loss": loss,
-                "memory_estimate_bytes": check_memory_estimate(&cfg, &c, kind, device)?, "device_used_bytes": used, "peak_rss_bytes": rss })
+                "memory_estimate_bytes": check_memory_estimate(&cfg, &c, kind, device)?, "device_used_bytes": used,
+                "device_used_before_bytes": used_before, "peak_rss_bytes": rss, "rss_before_bytes": rss_before })
         }
         // The grouped expert path against the per-expert reference loop, same weights and batch.
         "paths" => {
@@ -153,8 +163,9 @@ fn run_check(spec: &serde_json::Value, rt: &helpers::runtime::Runtime, train_cfg
                 match &reference {
                     None => reference = Some((loss, grads, logits)),
                     Some((l0, g0, lg0)) => {
-                        let (rel, worst) = check_grad_diff(&grads, g0);
+                        let (rel, worst, overall) = check_grad_diff(&grads, g0);
                         out.insert(format!("{name}.loss_rel_diff"), ((loss - l0).abs() / l0.abs()).into());
+                        out.insert(format!("{name}.grad_rel_diff"), overall.into());
                         out.insert(format!("{name}.grad_worst_rel_diff"), rel.into());
                         out.insert(format!("{name}.grad_worst_tensor"), worst.into());
                         out.insert(format!("{name}.logits_max_abs_diff"), (&logits - lg0).abs().max().double_value(&[]).into());
@@ -199,8 +210,8 @@ fn run_check(spec: &serde_json::Value, rt: &helpers::runtime::Runtime, train_cfg
             let (_vs1, mut m1, n1) = check_model(&cfg, device);
             m1.place_experts(&devices);
             let (l1, g1) = check_grads(&m1, &n1, &x, &y, &c);
-            let (rel, worst) = check_grad_diff(&g1, &g0);
-            serde_json::json!({ "placement": spec_map, "devices": devices.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>(),
+            let (rel, worst, overall) = check_grad_diff(&g1, &g0);
+            serde_json::json!({ "grad_rel_diff": overall, "placement": spec_map, "devices": devices.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>(),
                 "loss_unplaced": l0, "loss_placed": l1, "loss_rel_diff": (l1 - l0).abs() / l0.abs(),
                 "grad_worst_rel_diff": rel, "grad_worst_tensor": worst })
         }

@@ -399,11 +399,14 @@ pub fn prepare(root: &Path, nb_path: &Path, torch: &str, skip_tags: &[String]) -
     Ok(Prepared { name, package_dir, target_dir, binary, program })
 }
 
-/// A summary of the dependencies for messages: `tch =0.24.0, helpers (path), ...`.
-pub fn describe_deps(deps: &[(String, toml::Value)]) -> String {
+/// A summary of the dependencies for messages, tch as pinned: `tch =0.24.0, helpers path, ...`.
+pub fn describe_deps(deps: &[(String, toml::Value)], tch: &str) -> String {
     let m: BTreeMap<&str, String> = deps
         .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str().map(String::from).or_else(|| v.get("version").and_then(|x| x.as_str()).map(String::from)).unwrap_or_else(|| "path".into())))
+        .map(|(n, v)| match n.as_str() {
+            "tch" | "torch-sys" => (n.as_str(), format!("={tch}")),
+            _ => (n.as_str(), v.as_str().map(String::from).or_else(|| v.get("version").and_then(|x| x.as_str()).map(String::from)).unwrap_or_else(|| "path".into())),
+        })
         .collect();
     m.iter().map(|(n, v)| format!("{n} {v}")).collect::<Vec<_>>().join(", ")
 }

@@ -57,7 +57,7 @@ fn main() -> Result<()> {
                 p.name,
                 notebook.display(),
                 p.program.cells.len(),
-                moe_program::describe_deps(&p.program.deps),
+                moe_program::describe_deps(&p.program.deps, moe_program::tch_for_torch(&torch)?),
                 p.package_dir.display()
             );
             if !no_build {
