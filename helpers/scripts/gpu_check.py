@@ -28,6 +28,7 @@ With --dry-run (on a CPU) the same code runs at tiny shapes, and what needs CUDA
 """
 import argparse
 import datetime
+import gc
 import json
 import os
 import re
@@ -35,6 +36,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -195,7 +197,8 @@ def run(args) -> int:
     dry = args.dry_run or not torch.cuda.is_available()
     out = Path(args.out or HERE / "out" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work).resolve() if args.work else out / "runs"
+    # The programs' run directories stay out of --out, which a device call brings back (8 files at most).
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu-check-runs-"))
     work.mkdir(parents=True, exist_ok=True)
     torch_lib = args.torch_lib or str(Path(torch.__file__).parent / "lib")
     try:
@@ -309,7 +312,7 @@ def run(args) -> int:
             report.add(f"speed {label}", "skipped", f"time budget of {args.budget_s}s spent")
             continue
         ours, theirs, last = [], [], None
-        hf_note = "bf16-mixed (fp32 weights, autocast)"
+        hf_note, hf_master = "bf16-mixed (fp32 weights, autocast)", True
         for rnd in range(rounds):
             res = r.checks(f"speed-{shape['preset']}-{rnd}", [{"op": "step", **shape, "steps": 3 if not dry else 1, "dtype": "bf16" if not dry else "fp32"}],
                            600 if dry else 300, dev)[0]
@@ -320,13 +323,15 @@ def run(args) -> int:
             ours.append(last["step_s"])
             if hf_ok:
                 p = (last["shape"]["hidden"], last["shape"]["layers"], last["shape"]["heads"], last["shape"]["experts"], last["shape"]["top_k"], last["shape"]["intermediate"])
-                for master in (True, False):
+                for master in (True, False) if hf_master else (False,):
                     try:
                         theirs.append(hf_train_step(p, "grouped_mm", shape["batch"], shape["seq"], 3 if not dry else 1, torch_dev, dtype, master_fp32=master))
                         break
                     except torch.cuda.OutOfMemoryError:
+                        hf_master = False  # the later rounds go straight to pure bf16
                         hf_note = "pure bf16 (bf16-mixed ran out of memory)"
                     finally:
+                        gc.collect()  # the failed attempt's model and optimizer, before the cache is emptied
                         if not dry:
                             torch.cuda.empty_cache()
                 else:
@@ -384,7 +389,7 @@ def main() -> int:
     p.add_argument("--max-mib", type=float, default=60)
     q = sub.add_parser("run", help="run the checks (inside the prepared folder)")
     q.add_argument("--out", help="where gpu-check.json/.md and log.txt go (default: out/<time> here)")
-    q.add_argument("--work", help="where the programs' run directories go (default: <out>/runs)")
+    q.add_argument("--work", help="where the programs' run directories go (default: a temporary directory)")
     q.add_argument("--torch-lib", help="libtorch for the programs (default: this python's torch/lib)")
     q.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, CUDA parts skipped (also automatic without a GPU)")
     q.add_argument("--budget-s", type=float, default=330, help="skip further speed shapes after this many seconds")

@@ -223,9 +223,14 @@ let checks: Vec<serde_json::Value> = serde_json::from_str(&std::env::var("MOE_CH
 let mut results = Vec::new();
 for spec in &checks {
     let t0 = std::time::Instant::now();
-    let mut r = match run_check(spec, &rt, &train_cfg, &tokenizer) {
-        Ok(v) => serde_json::json!({ "ok": true, "result": v }),
-        Err(e) => serde_json::json!({ "ok": false, "error": format!("{e:#}") }),
+    // A libtorch error inside a check is a Rust panic (tch's panicking calls): caught, so the other
+    // checks still run and this one reports the message.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_check(spec, &rt, &train_cfg, &tokenizer)));
+    let mut r = match outcome {
+        Ok(Ok(v)) => serde_json::json!({ "ok": true, "result": v }),
+        Ok(Err(e)) => serde_json::json!({ "ok": false, "error": format!("{e:#}") }),
+        Err(p) => serde_json::json!({ "ok": false, "error": format!("panicked: {}",
+            p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()) }),
     };
     r["check"] = spec.clone();
     r["seconds"] = t0.elapsed().as_secs_f64().into();

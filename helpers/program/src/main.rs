@@ -45,8 +45,16 @@ fn project_root() -> Result<PathBuf> {
         .with_context(|| format!("{} is not inside the project (no ancestor has helpers/ and experiments/)", cwd.display()))
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().cmd {
+fn main() {
+    // One line per error, cause included (anyhow's default puts the cause on later lines).
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
         Cmd::TchFor { torch } => println!("{}", moe_program::tch_for_torch(&torch)?),
         Cmd::Generate { notebook, skip_tags } => print!("{}", moe_program::generate(&notebook, &skip_tags)?.main_rs),
         Cmd::Build { notebook, torch, skip_tags, no_build } => {
