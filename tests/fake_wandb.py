@@ -1,5 +1,5 @@
 """A fake W&B server on 127.0.0.1 for notebook tests: the GraphQL operations and file_stream of
-reference/wandb.md, recording what each run received and any protocol violation (wrong auth,
+docs/wandb.md, recording what each run received and any protocol violation (wrong auth,
 history offsets with gaps or duplicates, rows without _step/_runtime/_timestamp, credentials sent
 to upload URLs). The Rust tests in helpers/tests/wandb.rs have a stricter twin with fault injection."""
 import base64

@@ -148,7 +148,7 @@ def test_cross_layer_notebook_differs_from_the_base_only_where_the_method_does()
 
 
 def test_shared_experts_dense_layers_and_lflb_train_and_save(tmp_path):
-    """The seed's options in one short run (and the multi-device expert path with a map of CPU
+    """interpretable-moes' options in one short run (and the multi-device expert path with a map of CPU
     devices): the smoke test checks the parameter count against the
     formula; the LFLB bias moves and is saved with the weights; export refuses what OLMoE lacks."""
     from safetensors.torch import load_file

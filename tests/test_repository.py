@@ -66,3 +66,24 @@ def test_experiment_dependencies_match_the_prebuilt_ones(nb):
     # setup.sh compiles tests/notebooks/deps.ipynb once; an experiment with other :dep lines would
     # recompile tch inside the kernel (minutes) on its first run.
     assert dep_lines(nb) == dep_lines(ROOT / "tests" / "notebooks" / "deps.ipynb")
+
+
+def test_what_the_project_cites_ships_with_it():
+    # Code, notebooks and docs cite docs/*.md; notes that do not ship (reference/*.md) are never cited.
+    cited, missing = set(), []
+    for path in tracked("*.rs") + tracked("*.py") + tracked("*.ipynb") + tracked("*.md") + tracked("*.sh"):
+        text = path.read_text(errors="replace")
+        assert not re.search(r"\breference/[a-z_-]+\.md", text), f"{path.relative_to(ROOT)} cites a file that does not ship"
+        for doc in re.findall(r"\bdocs/([a-z_-]+\.md)", text):
+            cited.add(doc)
+            if not (ROOT / "docs" / doc).is_file():
+                missing.append(f"{path.relative_to(ROOT)}: docs/{doc}")
+    assert not missing, missing
+    assert {"olmoe.md", "performance.md", "libtorch.md"} <= cited
+
+
+def test_the_python_project_is_named_not_called_the_seed():
+    for path in [ROOT / "README.md", *tracked("experiments/*.ipynb"), *tracked("experiments/*/*.md")]:
+        hits = re.findall(r"\b[Tt]he seed(?! of)\b[^\n]{0,30}", path.read_text())
+        assert not hits, f"{path.relative_to(ROOT)}: say interpretable-moes, not {hits[:3]}"
+    assert "https://github.com/bongohead/interpretable-moes" in (ROOT / "README.md").read_text()

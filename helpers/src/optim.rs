@@ -335,7 +335,7 @@ pub struct Schedule {
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: i64,
-    /// Warmup starts at this fraction of lr (0 = from zero; the seed notebook: 0.2).
+    /// Warmup starts at this fraction of lr (0 = from zero; interpretable-moes: 0.2).
     pub warmup_start_frac: f64,
     /// Cosine / linear: decay length after warmup (0 = until max_steps). WSD: length of the final
     /// decay (0 = the last 20% of max_steps).
@@ -344,7 +344,7 @@ pub struct Schedule {
 }
 
 /// Learning rate for optimizer step `step` (0-based). Warmup: lr * (f + (1 - f) (step + 1) / W).
-/// After the decay ends the rate stays at min_lr (the seed's cosine rose again; this one does not).
+/// After the decay ends the rate stays at min_lr (interpretable-moes' cosine rose again; this one does not).
 pub fn lr_at(step: i64, s: &Schedule) -> f64 {
     if step < s.warmup_steps {
         let f = s.warmup_start_frac;

@@ -1,4 +1,4 @@
-//! Throughput accounting: model FLOPs per token (PaLM accounting, reference/performance.md) and a
+//! Throughput accounting: model FLOPs per token (PaLM accounting, docs/performance.md) and a
 //! matmul peak measured in this process, for an honest MFU on any machine.
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};

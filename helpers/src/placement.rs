@@ -1,4 +1,4 @@
-//! Expert placement on one node (the seed notebook's scheme): whole experts spread over devices by
+//! Expert placement on one node (interpretable-moes' scheme): whole experts spread over devices by
 //! a per-expert device list; dense parts, router and shared experts stay on the primary device.
 //! The notebook's MoE layer moves each expert's token slice to the expert's device and back.
 use anyhow::{bail, ensure, Result};

@@ -1,5 +1,5 @@
 //! Sweeps: a grid over config fields, one headless notebook run per point, and the results of all
-//! of them in one table and two plots, as in the seed's ablation studies (layers, experts, top-K).
+//! of them in one table and two plots, as in interpretable-moes' ablation studies (layers, experts, top-K).
 //!
 //! `bash setup.sh sweep --grid model.num_hidden_layers=2,4 --grid model.num_experts=4,8` runs the
 //! four points (src/bin/sweep.rs spawns the notebooks); this module is everything around that:

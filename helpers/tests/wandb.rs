@@ -1,5 +1,5 @@
 //! The W&B client against a fake W&B server on 127.0.0.1 that speaks the protocol of
-//! reference/wandb.md and checks what it receives: Basic auth, UpsertBucket variables, file_stream
+//! docs/wandb.md and checks what it receives: Basic auth, UpsertBucket variables, file_stream
 //! offsets (no gaps, no duplicates), `_step`/`_runtime`/`_timestamp`, the full summary at offset 0,
 //! NaN/Infinity, the final `complete`, uploads without credentials. Faults: 500s, 429 with
 //! Retry-After, an unreachable server, a hanging server, a 401.

@@ -2,7 +2,7 @@
 //!
 //! Long format: one row per (sequence, token, MoE layer, top-K slot) with the columns
 //! `sequence_ix, token_ix, token_id, layer_ix, topk_ix, expert, weight` (int64, weight float32),
-//! ordered by sequence, token, layer, slot: what the seed's analysis code reads
+//! ordered by sequence, token, layer, slot: what interpretable-moes' analysis code reads
 //! (`pandas.read_parquet`, `polars.read_csv`). Files are written under a temporary name and renamed,
 //! so an interrupted export never leaves a truncated file.
 use super::Routing;

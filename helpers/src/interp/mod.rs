@@ -7,7 +7,7 @@
 //! - [`metrics`]: per-layer usage entropy and maximal violation of balance, routing-path
 //!   consistency across consecutive layers, how long tokens stay with an expert, transition
 //!   matrices, and the cosine similarity of router weight rows;
-//! - [`export`]: the long format the seed's analysis code reads (`sequence_ix, token_ix, token_id,
+//! - [`export`]: the long format interpretable-moes' analysis code reads (`sequence_ix, token_ix, token_id,
 //!   layer_ix, topk_ix, expert, weight`) as parquet and CSV, and expert usage counts saved during
 //!   training (`expert_usage.jsonl`);
 //! - [`plot`]: PNG heatmaps (usage per layer, layer-to-layer transitions) and usage over training.

@@ -12,7 +12,7 @@ use crate::hf::Hub;
 use anyhow::{ensure, Result};
 use std::path::{Path, PathBuf};
 
-/// FineWeb-Edu, the seed's pretraining corpus.
+/// FineWeb-Edu, interpretable-moes' pretraining corpus.
 pub const FINEWEB_EDU: &str = "HuggingFaceFW/fineweb-edu";
 /// Its 10B-token sample: 14 parquet files, ~28.5 GB, 9.67M documents.
 pub const FINEWEB_EDU_10BT: &str = "sample/10BT/*.parquet";

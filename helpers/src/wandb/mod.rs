@@ -1,4 +1,4 @@
-//! Weights & Biases logging over W&B's HTTP protocol (reference/wandb.md), with no Python.
+//! Weights & Biases logging over W&B's HTTP protocol (docs/wandb.md), with no Python.
 //!
 //! ```text
 //! let settings = helpers::wandb::Settings::from_env(&root, "moe-research")?;  // secrets.env, env, ~/.netrc
