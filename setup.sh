@@ -12,6 +12,8 @@
 #                              the GPU proof: a folder (program built against torch 2.11.0 + driver
 #                              script) for a GPU machine without Rust; its CPU dry run; or run it
 #   bash setup.sh torch-plan   say which PyTorch setup would use (existing install or which wheel)
+#   bash setup.sh diff experiments/NAME [--summary]
+#                              a copied experiment against base-olmoe, section by section and cell by cell
 #   bash setup.sh generate RUN [PROMPT] [NB]
 #                              sample from a saved run's latest checkpoint (NB's training cells skipped)
 #   bash setup.sh wandb-sync RUN
@@ -424,6 +426,9 @@ case "$cmd" in
     program_setup
     bin="$(build_program "$nb" "$@")" || exit 1
     say "built $bin; run it from the project (LD_LIBRARY_PATH=$TORCH_DIR/lib), or: bash setup.sh run --program $nb" ;;
+  diff)
+    [ -n "${1:-}" ] || die "usage: bash setup.sh diff experiments/<name> [--base experiments/base-olmoe] [--summary]"
+    exec python3 helpers/scripts/nbdiff.py "$@" ;;
   torch-plan)
     check_prereqs
     if [ -n "${MOE_TORCH_PYTHON:-}" ]; then
@@ -470,5 +475,5 @@ case "$cmd" in
     printf 'export VIRTUAL_ENV=%q PATH=%q LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH=%q JUPYTER_PATH=%q\n' \
       "$VIRTUAL_ENV" "$PATH" "$LD_LIBRARY_PATH" "$JUPYTER_PATH" ;;
   *)
-    die "unknown command '$cmd'; use one of: setup, run [--program] [NOTEBOOK], build [NOTEBOOK], gpu-check --prepare|--dry-run, torch-plan, generate RUN [PROMPT], wandb-sync RUN, data ..., bench, bench-tokenize [FILE], sweep --grid ..., test, lab, env" ;;
+    die "unknown command '$cmd'; use one of: setup, run [--program] [NOTEBOOK], build [NOTEBOOK], gpu-check --prepare|--dry-run, torch-plan, diff EXPERIMENT, generate RUN [PROMPT], wandb-sync RUN, data ..., bench, bench-tokenize [FILE], sweep --grid ..., test, lab, env" ;;
 esac

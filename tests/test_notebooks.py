@@ -133,18 +133,18 @@ def check_cross_layer(run_dir: Path, rows: list, cfg: dict, stdout: str):
 def test_cross_layer_notebook_differs_from_the_base_only_where_the_method_does():
     """The copy-and-edit workflow: same sections in the same order; the cells that differ are the
     ones the idea needs (a base change elsewhere must reach the copy too)."""
-    import nbformat
-    base = nbformat.read(ROOT / "experiments" / "base-olmoe" / "experiment.ipynb", as_version=4).cells
-    xl = nbformat.read(ROOT / "experiments" / "cross-layer-experts" / "experiment.ipynb", as_version=4).cells
-    assert [c.cell_type for c in base] == [c.cell_type for c in xl]
-    section, changed = "intro", set()
-    for b, x in zip(base, xl):
-        if b.cell_type == "markdown" and b.source.startswith("## "):
-            section = b.source.splitlines()[0]
-        if b.source != x.source:
-            changed.add(section)
+    sys.path.insert(0, str(ROOT / "helpers" / "scripts"))
+    from nbdiff import cells, changed_sections  # what `bash setup.sh diff` prints
+    base, xl = ROOT / "experiments" / "base-olmoe", ROOT / "experiments" / "cross-layer-experts"
+    assert [k for k, _ in cells(base / "experiment.ipynb")] == [k for k, _ in cells(xl / "experiment.ipynb")]
+    diff = changed_sections(base / "experiment.ipynb", xl / "experiment.ipynb")
+    assert set(diff.values()) == {"changed"}, diff
+    changed = set(diff)
     assert changed == {"intro", "## Configuration", "## Model", "## Routing probes", "## Optimizer, precision, resume",
                        "## Training step", "## Training loop", "## Results"}, changed
+    out = subprocess.run(["bash", str(ROOT / "setup.sh"), "diff", str(xl), "--summary"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "8 of 16 sections differ" in out.stdout and "same          ## Data" in out.stdout, out.stdout
 
 
 def test_shared_experts_dense_layers_and_lflb_train_and_save(tmp_path):
