@@ -26,12 +26,39 @@ pub struct RunDir {
     pub path: PathBuf,
 }
 
+/// The experiment a run belongs to, which names its folder under `runs/`: `$MOE_EXPERIMENT` (a
+/// program built from a notebook sets it to the notebook's folder), else the folder of
+/// `experiments/<name>/` the process runs in (the kernel runs in the notebook's folder, so a copy of
+/// an experiment gets its own name without editing it), else `fallback`.
+pub fn experiment_name(fallback: &str) -> String {
+    if let Ok(name) = std::env::var("MOE_EXPERIMENT") {
+        if !name.trim().is_empty() {
+            return name.trim().to_string();
+        }
+    }
+    let cwd = std::env::current_dir().ok();
+    cwd.as_deref().and_then(experiment_of).unwrap_or_else(|| fallback.to_string())
+}
+
+/// `name` when `dir` is `<project>/experiments/<name>` or inside it.
+fn experiment_of(dir: &Path) -> Option<String> {
+    let mut child = None;
+    for d in dir.ancestors() {
+        if d.file_name().is_some_and(|n| n == "experiments") && d.parent().is_some_and(|p| p.join("helpers").is_dir()) {
+            return child.and_then(|c: &Path| c.file_name()).map(|n| n.to_string_lossy().into_owned());
+        }
+        child = Some(d);
+    }
+    None
+}
+
 impl RunDir {
-    /// Uses `$MOE_RUN_DIR` if set, else `<project>/runs/<experiment>/<UTC timestamp>`; creates it.
+    /// Uses `$MOE_RUN_DIR` if set, else `<project>/runs/<experiment>/<UTC timestamp>` with the
+    /// experiment named by [`experiment_name`] (`experiment` being the fallback); creates it.
     pub fn create(experiment: &str) -> Result<Self> {
         let path = match std::env::var("MOE_RUN_DIR") {
             Ok(p) if !p.trim().is_empty() => PathBuf::from(p),
-            _ => project_root()?.join("runs").join(experiment).join(utc_timestamp()),
+            _ => project_root()?.join("runs").join(experiment_name(experiment)).join(utc_timestamp()),
         };
         Self::at(path)
     }
@@ -171,5 +198,23 @@ pub fn fmt_duration(secs: f64) -> String {
         0..=59 => format!("{s}s"),
         60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
         _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_experiment_is_the_folder_under_experiments() {
+        let tmp = std::env::temp_dir().join(format!("moe-run-test-{}", std::process::id()));
+        for d in ["helpers", "experiments/my-idea/sub"] {
+            std::fs::create_dir_all(tmp.join(d)).unwrap();
+        }
+        assert_eq!(experiment_of(&tmp.join("experiments/my-idea")).as_deref(), Some("my-idea"));
+        assert_eq!(experiment_of(&tmp.join("experiments/my-idea/sub")).as_deref(), Some("my-idea"));
+        assert_eq!(experiment_of(&tmp.join("experiments")), None);
+        assert_eq!(experiment_of(&tmp), None);
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

@@ -146,13 +146,16 @@ pub fn generate(nb_path: &Path, skip_tags: &[String]) -> Result<Program> {
     if !deps.iter().any(|(n, _)| n == "anyhow") {
         deps.push(("anyhow".into(), toml::Value::String("1".into())));
     }
+    let experiment = nb_dir.file_name().and_then(|n| n.to_str()).unwrap_or("program").to_string();
     let main_rs = format!(
         "//! Generated from {shown} by `bash setup.sh build` (helpers/program); do not edit: edit the\n\
          //! notebook and build again. Each block below is one code cell of the notebook, in order.\n\
          #![allow(unused, dead_code, non_snake_case, non_camel_case_types, unreachable_code, clippy::all)]\n\n\
          /// What the notebook would display for a cell's trailing expression (nothing for `()`).\n\
          fn __show_cell_value<T: std::fmt::Debug>(v: &T) {{\n    if std::any::type_name::<T>() != \"()\" {{\n        println!(\"{{v:?}}\");\n    }}\n}}\n\n\
-         fn main() -> anyhow::Result<()> {{{body}\n    Ok(())\n}}\n"
+         fn main() -> anyhow::Result<()> {{\n    \
+         // The notebook's folder names the run's folder under runs/ (helpers::run::experiment_name).\n    \
+         if std::env::var_os(\"MOE_EXPERIMENT\").is_none() {{ std::env::set_var(\"MOE_EXPERIMENT\", {experiment:?}); }}\n{body}\n    Ok(())\n}}\n"
     );
     Ok(Program { main_rs, deps, cells: used_cells })
 }

@@ -39,6 +39,9 @@ fn cells_become_one_main_in_order() {
     assert!(main.contains("__show_cell_value(&y + 1);") || main.contains("__show_cell_value(&y + 1)"), "{main}");
     assert!(main.contains("__show_cell_value(&{ println!(\"block\"); });"), "{main}");
     assert!(main.contains("section \"Setup\""));
+    // The notebook's folder names the run's folder, as in the kernel (which runs in that folder).
+    let folder = tmp.path().canonicalize().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+    assert!(main.contains(&format!("std::env::set_var(\"MOE_EXPERIMENT\", {folder:?})")), "{main}");
     // :dep lines: the dependencies, relative paths made absolute against the notebook's folder.
     let names: Vec<&str> = p.deps.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["mylib", "anyhow"]);
