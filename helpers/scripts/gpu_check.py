@@ -229,7 +229,7 @@ def run(args) -> int:
         {"op": "paths", **small, "experts": 16, "top_k": 4, "dtype": "fp32", "batch": 4, "seq": 256 if not dry else 64},
         {"op": "paths", **small, "experts": 16, "top_k": 4, "dtype": "bf16", "batch": 4, "seq": 256 if not dry else 64},
         {"op": "kv", **small, "tokens": 16 if not dry else 6},
-        {"op": "placed", **small, "placement": "round-robin:cuda:0,cpu" if not dry else "round-robin:cpu", "batch": 4, "seq": 128 if not dry else 32},
+        {"op": "placed", **small, "placement": "round-robin:cuda:0,cpu" if not dry else "round-robin:cpu,cpu", "batch": 4, "seq": 128 if not dry else 32},
     ]
     results = r.checks("checks", specs, 300 if not dry else 600, dev)
     peak = None
@@ -277,7 +277,7 @@ def run(args) -> int:
     steps = 6 if not dry else 3
     short = ("model.num_hidden_layers=2 train.log_every=1 train.eval_every=100 train.eval_batches=2 train.ckpt_every=0 "
              "train.grad_stats_every=0 train.interp_batches=0 train.sample_tokens=4")
-    placement = "round-robin:cuda:0,cpu" if not dry else "round-robin:cpu"
+    placement = "round-robin:cuda:0,cpu" if not dry else "round-robin:cpu,cpu"
     runs = {}
     for name, device, extra in (("fp32-cpu", "cpu", "train.precision=fp32"), (f"bf16-{dev}", dev, "train.precision=bf16-mixed"),
                                 (f"bf16-{dev}-placed", dev, f"train.precision=bf16-mixed train.expert_placement={placement}")):

@@ -25,7 +25,10 @@ where
     }
 }
 
-/// Field assignments `section.field=value`, separated by spaces, commas or newlines.
+/// Field assignments `section.field=value`, separated by spaces, newlines, or commas followed by the
+/// next `section.field=`. A value may itself hold commas and colons
+/// (`train.expert_placement=contiguous:cuda:0,cuda:1`), and JSON values may hold spaces inside
+/// quotes or brackets (`train.interp_tokens=[" the", " and"]`, `train.sample_prompt="ROMEO. "`).
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub entries: Vec<(String, String, serde_json::Value)>,
@@ -40,10 +43,9 @@ impl Overrides {
 
     pub fn parse(s: &str, sections: &[&str]) -> Result<Self> {
         let mut entries = Vec::new();
-        for item in s.split(|c: char| c.is_whitespace() || c == ',').filter(|x| !x.is_empty()) {
-            let Some((key, raw)) = item.split_once('=') else {
-                bail!("{item:?} is not of the form section.field=value")
-            };
+        for item in split_items(s) {
+            let item = item.as_str();
+            let Some((key, raw)) = item.split_once('=') else { bail!("{item:?} is not of the form section.field=value") };
             let Some((section, field)) = key.split_once('.') else {
                 bail!("{key:?} needs a section prefix, one of {sections:?} (e.g. model.n_layers=4)")
             };
@@ -77,6 +79,60 @@ impl Overrides {
     }
 }
 
+/// The assignments of an override string (see [`Overrides`]): split at whitespace, and at a comma
+/// when the next assignment follows it, never inside a quoted string or brackets.
+fn split_items(s: &str) -> Vec<String> {
+    let chars: Vec<char> = s.chars().collect();
+    // Does an assignment `section.field=` start here (after optional whitespace)?
+    let starts_item = |rest: &[char]| -> bool {
+        let rest: String = rest.iter().collect();
+        let Some((key, _)) = rest.trim_start().split_once('=') else { return false };
+        let Some((section, field)) = key.split_once('.') else { return false };
+        let word = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        word(section) && word(field)
+    };
+    let (mut items, mut cur) = (Vec::new(), String::new());
+    let (mut depth, mut in_str, mut escaped) = (0i32, false, false);
+    for (i, &c) in chars.iter().enumerate() {
+        if in_str {
+            cur.push(c);
+            if escaped {
+                escaped = false
+            } else if c == '\\' {
+                escaped = true
+            } else if c == '"' {
+                in_str = false
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_str = true;
+                cur.push(c)
+            }
+            '[' | '{' => {
+                depth += 1;
+                cur.push(c)
+            }
+            ']' | '}' => {
+                depth -= 1;
+                cur.push(c)
+            }
+            c if depth <= 0 && (c.is_whitespace() || (c == ',' && starts_item(&chars[i + 1..]))) => {
+                if !cur.is_empty() {
+                    items.push(std::mem::take(&mut cur))
+                }
+            }
+            _ => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        items.push(cur)
+    }
+    // A trailing comma ("model.n_layers=4, ") separates nothing.
+    items.into_iter().map(|i| i.trim_end_matches(',').to_string()).filter(|i| !i.is_empty()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +156,18 @@ mod tests {
         let m = o.apply("model", cfg()).unwrap();
         assert_eq!(m, Cfg { n_layers: 4, lr: 1e-3, name: "tiny".into() });
         assert_eq!(o.apply("train", cfg()).unwrap().lr, 3e-4);
+    }
+
+    #[test]
+    fn values_may_hold_commas_colons_spaces_and_json() {
+        let o = Overrides::parse("model.name=contiguous:cuda:0,cuda:1, train.lr=3e-4,model.n_layers=4", &["model", "train"]).unwrap();
+        let got: Vec<String> = o.entries.iter().map(|(s, f, v)| format!("{s}.{f}={v}")).collect();
+        assert_eq!(got, ["model.name=\"contiguous:cuda:0,cuda:1\"", "train.lr=0.0003", "model.n_layers=4"]);
+        let o = Overrides::parse("train.tokens=[\" the\", \" and\"] model.name=\"ROMEO. \\\"x\\\"\" train.lr=1,", &["model", "train"]).unwrap();
+        assert_eq!(o.entries[0].2, serde_json::json!([" the", " and"]));
+        assert_eq!(o.entries[1].2, serde_json::json!("ROMEO. \"x\""));
+        assert_eq!(o.entries[2].2, serde_json::json!(1));
+        assert_eq!(o.entries.len(), 3);
     }
 
     #[test]

@@ -34,8 +34,11 @@ pub fn tch_for_torch(torch: &str) -> Result<&'static str> {
     let public = torch.split('+').next().unwrap_or(torch).trim();
     TORCH_TCH.iter().find(|(t, _, _)| *t == public).map(|(_, tch, _)| *tch).with_context(|| {
         let known: Vec<String> = TORCH_TCH.iter().map(|(t, c, _)| format!("torch {t} = tch {c}")).collect();
-        format!("torch {torch} has no matching tch release this project knows ({}); install one of those torch versions, \
-                 or unset MOE_TORCH_PYTHON to let setup.sh download torch 2.13.0", known.join(", "))
+        format!(
+            "torch {torch} has no matching tch release this project knows ({}); install one of those torch versions, \
+                 or unset MOE_TORCH_PYTHON to let setup.sh download torch 2.13.0",
+            known.join(", ")
+        )
     })
 }
 
@@ -50,8 +53,7 @@ pub struct Cell {
 /// Reads the cells of an `.ipynb` file.
 pub fn read_cells(path: &Path) -> Result<Vec<Cell>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read notebook {}", path.display()))?;
-    let nb: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not a notebook (invalid JSON)", path.display()))?;
+    let nb: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not a notebook (invalid JSON)", path.display()))?;
     let cells = nb.get("cells").and_then(|c| c.as_array()).with_context(|| format!("{} has no cells", path.display()))?;
     Ok(cells
         .iter()
@@ -61,9 +63,8 @@ pub fn read_cells(path: &Path) -> Result<Vec<Cell>> {
                 Some(serde_json::Value::Array(parts)) => parts.iter().filter_map(|p| p.as_str()).collect(),
                 _ => String::new(),
             };
-            let tags = c.pointer("/metadata/tags").and_then(|t| t.as_array()).map(|t| {
-                t.iter().filter_map(|s| s.as_str().map(String::from)).collect()
-            });
+            let tags =
+                c.pointer("/metadata/tags").and_then(|t| t.as_array()).map(|t| t.iter().filter_map(|s| s.as_str().map(String::from)).collect());
             Cell { code: c.get("cell_type").and_then(|t| t.as_str()) == Some("code"), source, tags: tags.unwrap_or_default() }
         })
         .collect())
@@ -112,8 +113,8 @@ pub fn generate(nb_path: &Path, skip_tags: &[String]) -> Result<Program> {
             match line.trim_start().strip_prefix(':') {
                 Some(cmd) if !line.trim_start().starts_with("::") => {
                     if let Some(spec) = cmd.strip_prefix("dep ") {
-                        let (name, value) = parse_dep(spec, &nb_dir)
-                            .with_context(|| format!("{shown}, code cell {n_code}: bad `:dep {}`", spec.trim()))?;
+                        let (name, value) =
+                            parse_dep(spec, &nb_dir).with_context(|| format!("{shown}, code cell {n_code}: bad `:dep {}`", spec.trim()))?;
                         match deps.iter().find(|(n, _)| *n == name) {
                             Some((_, v)) if *v != value => bail!("{shown}: `:dep {name}` is given twice with different values"),
                             Some(_) => {}
@@ -132,7 +133,10 @@ pub fn generate(nb_path: &Path, skip_tags: &[String]) -> Result<Program> {
         let code = rewrite_cell(&code, ix, &mut seen_uses, &mut items)
             .with_context(|| format!("{shown}, code cell {n_code} (\"{}\")", first_code_line(&code)))?;
         used_cells.push(ix);
-        body.push_str(&format!("\n    // ---- code cell {n_code}{} ----\n", if heading.is_empty() { String::new() } else { format!(", section \"{heading}\"") }));
+        body.push_str(&format!(
+            "\n    // ---- code cell {n_code}{} ----\n",
+            if heading.is_empty() { String::new() } else { format!(", section \"{heading}\"") }
+        ));
         for line in code.lines() {
             if line.trim().is_empty() {
                 body.push('\n');
@@ -214,7 +218,11 @@ fn rewrite_cell(code: &str, cell_ix: usize, seen_uses: &mut Vec<String>, items: 
                 let key = u.tree.to_token_stream().to_string();
                 if seen_uses.contains(&key) {
                     if let Some((s, e)) = range(u) {
-                        edits.push((offset(&wrapped, s), offset(&wrapped, e), format!("/* already imported by an earlier cell: {} */", key.replace(' ', ""))));
+                        edits.push((
+                            offset(&wrapped, s),
+                            offset(&wrapped, e),
+                            format!("/* already imported by an earlier cell: {} */", key.replace(' ', "")),
+                        ));
                     }
                 } else {
                     seen_uses.push(key);
@@ -225,8 +233,10 @@ fn rewrite_cell(code: &str, cell_ix: usize, seen_uses: &mut Vec<String>, items: 
                     if let Some(prev) = items.insert(key.clone(), cell_ix) {
                         if prev != cell_ix {
                             let name = key.split_once(':').map(|(_, n)| n).unwrap_or(&key);
-                            bail!("redefines `{name}`, already defined in an earlier cell: the kernel replaces it, a program \
-                                   cannot; give one of them another name");
+                            bail!(
+                                "redefines `{name}`, already defined in an earlier cell: the kernel replaces it, a program \
+                                   cannot; give one of them another name"
+                            );
                         }
                     }
                 }
@@ -315,10 +325,7 @@ pub fn helpers_manifest(root: &Path, tch: &str) -> Result<String> {
             pin(v, tch);
         }
     }
-    Ok(format!(
-        "# Generated by helpers/program from helpers/Cargo.toml, pinned to tch {tch}; do not edit.\n{}",
-        toml::to_string(&m)?
-    ))
+    Ok(format!("# Generated by helpers/program from helpers/Cargo.toml, pinned to tch {tch}; do not edit.\n{}", toml::to_string(&m)?))
 }
 
 fn pin(v: &mut toml::Value, version: &str) {
@@ -408,7 +415,10 @@ pub fn describe_deps(deps: &[(String, toml::Value)], tch: &str) -> String {
         .iter()
         .map(|(n, v)| match n.as_str() {
             "tch" | "torch-sys" => (n.as_str(), format!("={tch}")),
-            _ => (n.as_str(), v.as_str().map(String::from).or_else(|| v.get("version").and_then(|x| x.as_str()).map(String::from)).unwrap_or_else(|| "path".into())),
+            _ => (
+                n.as_str(),
+                v.as_str().map(String::from).or_else(|| v.get("version").and_then(|x| x.as_str()).map(String::from)).unwrap_or_else(|| "path".into()),
+            ),
         })
         .collect();
     m.iter().map(|(n, v)| format!("{n} {v}")).collect::<Vec<_>>().join(", ")

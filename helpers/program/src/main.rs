@@ -76,8 +76,12 @@ fn run(cli: Cli) -> Result<()> {
                     .env("CARGO_TARGET_DIR", &p.target_dir)
                     .status()
                     .context("cannot run cargo")?;
-                anyhow::ensure!(status.success(), "cargo build of {} failed (errors above; the generated source is {})",
-                                p.name, p.package_dir.join("main.rs").display());
+                anyhow::ensure!(
+                    status.success(),
+                    "cargo build of {} failed (errors above; the generated source is {})",
+                    p.name,
+                    p.package_dir.join("main.rs").display()
+                );
                 eprintln!("[program] built {} in {:.0}s", p.binary.display(), t0.elapsed().as_secs_f64());
             }
             println!("{}", p.binary.display());

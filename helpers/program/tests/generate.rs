@@ -5,10 +5,8 @@ use std::path::{Path, PathBuf};
 
 /// Writes a notebook of (cell_type, source, tags) cells into `dir/name` and returns its path.
 fn notebook(dir: &Path, name: &str, cells: &[(&str, &str, &[&str])]) -> PathBuf {
-    let cells: Vec<serde_json::Value> = cells
-        .iter()
-        .map(|(kind, src, tags)| serde_json::json!({ "cell_type": kind, "source": src, "metadata": { "tags": tags } }))
-        .collect();
+    let cells: Vec<serde_json::Value> =
+        cells.iter().map(|(kind, src, tags)| serde_json::json!({ "cell_type": kind, "source": src, "metadata": { "tags": tags } })).collect();
     let p = dir.join(name);
     std::fs::write(&p, serde_json::json!({ "cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5 }).to_string()).unwrap();
     p
@@ -18,14 +16,18 @@ fn notebook(dir: &Path, name: &str, cells: &[(&str, &str, &[&str])]) -> PathBuf 
 fn cells_become_one_main_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir(tmp.path().join("lib")).unwrap();
-    let nb = notebook(tmp.path(), "experiment.ipynb", &[
-        ("markdown", "## Setup", &[]),
-        ("code", ":dep mylib = { path = \"lib\" }\n:dep anyhow = \"1\"\nuse std::fmt::Write;\nlet x = 2;", &[]),
-        ("code", "use std::fmt::Write;\nfn double(v: i64) -> i64 { v * 2 }\nlet y = double(x);\ny + 1", &[]),
-        ("code", "let z = 3;", &["no-program"]),
-        ("code", "let w = 4;", &["train"]),
-        ("code", "{ println!(\"block\"); }", &[]),
-    ]);
+    let nb = notebook(
+        tmp.path(),
+        "experiment.ipynb",
+        &[
+            ("markdown", "## Setup", &[]),
+            ("code", ":dep mylib = { path = \"lib\" }\n:dep anyhow = \"1\"\nuse std::fmt::Write;\nlet x = 2;", &[]),
+            ("code", "use std::fmt::Write;\nfn double(v: i64) -> i64 { v * 2 }\nlet y = double(x);\ny + 1", &[]),
+            ("code", "let z = 3;", &["no-program"]),
+            ("code", "let w = 4;", &["train"]),
+            ("code", "{ println!(\"block\"); }", &[]),
+        ],
+    );
     let p = generate(&nb, &["train".to_string()]).unwrap();
     let main = &p.main_rs;
     // Order kept, statements and items in one body; the tagged cells left out.
@@ -98,10 +100,7 @@ fn manifests_pin_one_tch() {
     assert!(helpers["lib"]["path"].as_str().unwrap().ends_with("helpers/src/lib.rs"));
     assert!(helpers.get("dev-dependencies").is_none());
 
-    let deps = vec![
-        ("tch".to_string(), toml::Value::String("=0.26.0".into())),
-        ("helpers".to_string(), toml::toml! { path = "" }.into()),
-    ];
+    let deps = vec![("tch".to_string(), toml::Value::String("=0.26.0".into())), ("helpers".to_string(), toml::toml! { path = "" }.into())];
     let mut deps = deps;
     deps[1].1.as_table_mut().unwrap().insert("path".into(), root.join("helpers").display().to_string().into());
     let m: toml::Table = program_manifest("base-olmoe", &deps, Path::new("/x/helpers"), "0.24.0", root).unwrap().parse().unwrap();
