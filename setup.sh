@@ -38,7 +38,7 @@
 #
 # PyTorch: MOE_TORCH_PYTHON=/path/to/python uses the torch installed there (a pod image's) instead
 # of downloading one, when tch has a release for its version (torch 2.13.0 = tch 0.26.0, torch
-# 2.11.0 = tch 0.24.0). Programs build against either; the notebooks' kernel needs 2.13.0 (the
+# 2.11.0 = tch 0.24.0, torch 2.10.0 = tch 0.23.0). Programs build against any of them; the notebooks' kernel needs 2.13.0 (the
 # notebooks pin tch 0.26.0). Without it, torch 2.13.0 is installed into .venv, in the CUDA build the
 # NVIDIA driver supports (nvidia-smi): CUDA 13 (PyPI's default wheel) needs driver >= 580, older
 # drivers get PyTorch's cu128 (>= 570) or cu126 (>= 525) build; MOE_TORCH_INDEX=pypi|cu128|cu126|cpu
@@ -92,6 +92,7 @@ tch_for_torch() {
   case "${1%%+*}" in
     2.13.0) echo 0.26.0 ;;
     2.11.0) echo 0.24.0 ;;
+    2.10.0) echo 0.23.0 ;;
     *) return 1 ;;
   esac
 }
@@ -154,10 +155,10 @@ resolve_torch() {
     [ -x "$MOE_TORCH_PYTHON" ] || die "MOE_TORCH_PYTHON=$MOE_TORCH_PYTHON is not an executable python"
   fi
   info="$(torch_of "$py")"
-  [ "$info" != none ] || die "$py has no torch installed; point MOE_TORCH_PYTHON at a python with torch 2.13.0 or 2.11.0, or unset it"
+  [ "$info" != none ] || die "$py has no torch installed; point MOE_TORCH_PYTHON at a python with torch 2.13.0, 2.11.0 or 2.10.0, or unset it"
   TORCH_VERSION="${info%% *}"; TORCH_DIR="${info#* }"
   TCH_VERSION="$(tch_for_torch "$TORCH_VERSION")" \
-    || die "torch $TORCH_VERSION (from $py) has no tch release this project knows: torch 2.13.0 = tch 0.26.0, torch 2.11.0 = tch 0.24.0; unset MOE_TORCH_PYTHON to let setup download torch $TORCH_PIN"
+    || die "torch $TORCH_VERSION (from $py) has no tch release this project knows: torch 2.13.0 = tch 0.26.0, torch 2.11.0 = tch 0.24.0, torch 2.10.0 = tch 0.23.0; unset MOE_TORCH_PYTHON to let setup download torch $TORCH_PIN"
   [ -f "$TORCH_DIR/lib/libtorch_cpu.so" ] || die "$TORCH_DIR/lib has no libtorch_cpu.so; is $py's torch a complete install?"
 }
 

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 /// libtorch versions that have a tch release, and that release (torch-sys's `TORCH_VERSION`).
 /// `built here` says whether this project has built and run its programs against that pair.
-pub const TORCH_TCH: &[(&str, &str, bool)] = &[("2.13.0", "0.26.0", true), ("2.11.0", "0.24.0", true)];
+pub const TORCH_TCH: &[(&str, &str, bool)] = &[("2.13.0", "0.26.0", true), ("2.11.0", "0.24.0", true), ("2.10.0", "0.23.0", true)];
 
 /// The tch release for a torch version (`2.11.0`, `2.11.0+cu130`: the local part is ignored).
 pub fn tch_for_torch(torch: &str) -> Result<&'static str> {

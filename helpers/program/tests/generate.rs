@@ -86,6 +86,7 @@ fn notebooks_that_cannot_be_programs_say_why() {
 fn torch_versions_map_to_their_tch() {
     assert_eq!(tch_for_torch("2.13.0").unwrap(), "0.26.0");
     assert_eq!(tch_for_torch("2.11.0+cu130").unwrap(), "0.24.0");
+    assert_eq!(tch_for_torch("2.10.0+cu128").unwrap(), "0.23.0");
     let e = tch_for_torch("2.12.0").unwrap_err().to_string();
     assert!(e.contains("torch 2.12.0 has no matching tch") && e.contains("torch 2.11.0 = tch 0.24.0"), "{e}");
 }
