@@ -25,15 +25,15 @@ use quote::ToTokens;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-/// libtorch versions that have a tch release, and that release (torch-sys's `TORCH_VERSION`).
-/// `built here` says whether this project has built and run its programs against that pair.
-pub const TORCH_TCH: &[(&str, &str, bool)] = &[("2.13.0", "0.26.0", true), ("2.11.0", "0.24.0", true), ("2.10.0", "0.23.0", true)];
+/// libtorch versions whose tch release (torch-sys's `TORCH_VERSION`) this project has built its
+/// programs against and trained with. setup.sh's `tch_for_torch` holds the same table.
+pub const TORCH_TCH: &[(&str, &str)] = &[("2.13.0", "0.26.0"), ("2.11.0", "0.24.0"), ("2.10.0", "0.23.0")];
 
 /// The tch release for a torch version (`2.11.0`, `2.11.0+cu130`: the local part is ignored).
 pub fn tch_for_torch(torch: &str) -> Result<&'static str> {
     let public = torch.split('+').next().unwrap_or(torch).trim();
-    TORCH_TCH.iter().find(|(t, _, _)| *t == public).map(|(_, tch, _)| *tch).with_context(|| {
-        let known: Vec<String> = TORCH_TCH.iter().map(|(t, c, _)| format!("torch {t} = tch {c}")).collect();
+    TORCH_TCH.iter().find(|(t, _)| *t == public).map(|(_, tch)| *tch).with_context(|| {
+        let known: Vec<String> = TORCH_TCH.iter().map(|(t, c)| format!("torch {t} = tch {c}")).collect();
         format!(
             "torch {torch} has no matching tch release this project knows ({}); install one of those torch versions, \
                  or unset MOE_TORCH_PYTHON to let setup.sh download torch 2.13.0",

@@ -33,8 +33,6 @@ enum Cmd {
         #[arg(long = "skip-tag")]
         skip_tags: Vec<String>,
     },
-    /// Print the tch release that binds a torch version (exit 1 with the known pairs if none).
-    TchFor { torch: String },
 }
 
 fn project_root() -> Result<PathBuf> {
@@ -55,7 +53,6 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::TchFor { torch } => println!("{}", moe_program::tch_for_torch(&torch)?),
         Cmd::Generate { notebook, skip_tags } => print!("{}", moe_program::generate(&notebook, &skip_tags)?.main_rs),
         Cmd::Build { notebook, torch, skip_tags, no_build } => {
             let root = project_root()?;
