@@ -35,7 +35,7 @@ fn mem_case(name: &str, cfg: &ModelConfig, b: i64, t: i64, checkpointing: bool, 
             opt.zero_grad();
             let (h, routers) = model.hidden(&inp);
             let head = if loss_chunk > 0 {
-                fused_cross_entropy(&model.head_input(&h), &model.lm_head.weight, &tgt, loss_chunk, 1.0).1
+                fused_cross_entropy(&model.head_input(&h), &model.lm_head.weight, &tgt, loss_chunk)
             } else {
                 cross_entropy(&model.head(&h), &tgt)
             };
@@ -48,7 +48,7 @@ fn mem_case(name: &str, cfg: &ModelConfig, b: i64, t: i64, checkpointing: bool, 
         experts: cfg.num_experts, top_k: cfg.num_experts_per_tok, intermediate: cfg.intermediate_size, shared_experts: cfg.n_shared_experts,
         dense_layers: cfg.n_dense_layers, dense_intermediate: cfg.dense_intermediate_size };
     let train = helpers::memory::TrainShape { micro_batch: b, seq_len: t, compute_bytes: 4, master_weights: false, muon_fraction: 0.0,
-        activation_checkpointing: checkpointing, grouped_experts: true, loss_chunk };
+        activation_checkpointing: checkpointing, loss_chunk };
     let est = helpers::memory::estimate(&shape, &train, &[("cpu".to_string(), None)], &[]).unwrap();
     print!("{est}");
     let e = est.devices[0].peak();

@@ -61,9 +61,9 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
     let fmodel = OlmoeForCausalLM::new(&fvs, &pcfg);
     helpers::hf::load_weights(&dir, &fvs)?;
     let (fh, frouters) = fmodel.hidden(x);
-    let (fce, fhead) = fused_cross_entropy(&fmodel.head_input(&fh), &fmodel.lm_head.weight, y, 7, 1.0);
-    (fhead + load_balancing_loss(&frouters, pcfg.num_experts, pcfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * AUX_COEF).backward();
-    out.push(("fused.ce".into(), fce));
+    let fce = fused_cross_entropy(&fmodel.head_input(&fh), &fmodel.lm_head.weight, y, 7);
+    (&fce + load_balancing_loss(&frouters, pcfg.num_experts, pcfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * AUX_COEF).backward();
+    out.push(("fused.ce".into(), fce.detach()));
     for (name, var) in fvs.variables() {
         let g = var.grad();
         out.push((format!("fused.grad.{name}"), if g.defined() { g } else { var.zeros_like() }));
@@ -75,17 +75,17 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
         let lcfg = ModelConfig { moe_impl, ..pcfg.clone() };
         let lvs = nn::VarStore::new(Device::Cpu);
         let mut lmodel = OlmoeForCausalLM::new(&lvs, &lcfg);
-        if tag == "placed" { lmodel.place_experts(&helpers::placement::parse("round-robin:cpu", lcfg.num_experts as usize)?); }
+        // Two shards (even and odd experts) on the CPU: the multi-device path, rows cut from the stacks at load.
+        let halves: Vec<(Device, Vec<i64>)> = (0..2).map(|s| (Device::Cpu, (s..lcfg.num_experts).step_by(2).collect())).collect();
+        if tag == "placed" { lmodel.place_experts(&lvs, &halves); }
         helpers::hf::load_weights(&dir, &lvs)?;
         // The grouped matmuls must really run here (not their per-expert fallback).
-        assert!(tag != "grouped" || lmodel.moe_blocks()[0].grouped_applies(&Tensor::zeros([1, pcfg.hidden_size], (Kind::Float, Device::Cpu))));
+        assert!(tag != "grouped" || lmodel.moe_blocks()[0].experts.grouped_applies(&Tensor::zeros([1, pcfg.hidden_size], (Kind::Float, Device::Cpu))));
         let (llogits, lrouters) = lmodel.forward(x);
         (cross_entropy(&llogits, y) + load_balancing_loss(&lrouters, lcfg.num_experts, lcfg.num_experts_per_tok, LoadBalancingNorm::Transformers) * AUX_COEF).backward();
         out.push((format!("{tag}.logits"), llogits.detach()));
-        for (name, var) in lvs.variables() {
-            let g = var.grad();
-            out.push((format!("{tag}.grad.{name}"), if g.defined() { g } else { var.zeros_like() }));
-        }
+        let grads: Vec<(String, Tensor)> = lvs.variables().into_iter().map(|(name, var)| { let g = var.grad(); (name, if g.defined() { g } else { var.zeros_like() }) }).collect();
+        for (name, g) in helpers::placement::gather(grads)? { out.push((format!("{tag}.grad.{name}"), g)); } // shards joined into stacks
     }
     // LFLB: the bias chooses, the unbiased softmax weighs. A bias equal for all experts changes
     // nothing; a large bias on expert 0 puts it in every token's top-K.
@@ -93,7 +93,7 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
     let bvs = nn::VarStore::new(Device::Cpu);
     let bmodel = OlmoeForCausalLM::new(&bvs, &bcfg);
     helpers::hf::load_weights(&dir, &bvs)?;
-    let biases: Vec<Tensor> = bmodel.moe_blocks().iter().map(|m| m.lflb_bias.as_ref().unwrap().shallow_clone()).collect();
+    let biases: Vec<Tensor> = bmodel.moe_blocks().iter().map(|m| m.router.lflb_bias.as_ref().unwrap().shallow_clone()).collect();
     tch::no_grad(|| for b in &biases { let _ = b.shallow_clone().fill_(3.0); });
     out.push(("lflb.uniform_logits".into(), tch::no_grad(|| bmodel.forward(x).0)));
     tch::no_grad(|| for b in &biases { let _ = b.shallow_clone().zero_(); let _ = b.get(0).fill_(10.0); });
@@ -108,12 +108,12 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
     let uvs = nn::VarStore::new(Device::Cpu);
     let umodel = OlmoeForCausalLM::new(&uvs, &upd);
     let block = umodel.moe_blocks()[0];
-    block.update_lflb_bias(&counts, 0.5, 0.0, false);
-    out.push(("lflb.update_plain".into(), block.lflb_bias.as_ref().unwrap().copy()));
-    block.update_lflb_bias(&counts, 0.5, 0.0, true);
-    out.push(("lflb.update_centered".into(), block.lflb_bias.as_ref().unwrap().copy()));
-    for _ in 0..4 { block.update_lflb_bias(&counts, 0.5, 1.2, false); }
-    out.push(("lflb.update_clamped".into(), block.lflb_bias.as_ref().unwrap().copy()));
+    block.router.update_lflb_bias(&counts, 0.5, 0.0, false);
+    out.push(("lflb.update_plain".into(), block.router.lflb_bias.as_ref().unwrap().copy()));
+    block.router.update_lflb_bias(&counts, 0.5, 0.0, true);
+    out.push(("lflb.update_centered".into(), block.router.lflb_bias.as_ref().unwrap().copy()));
+    for _ in 0..4 { block.router.update_lflb_bias(&counts, 0.5, 1.2, false); }
+    out.push(("lflb.update_clamped".into(), block.router.lflb_bias.as_ref().unwrap().copy()));
     // Five optimizer steps on the same batch (helpers::optim): AdamW on everything, and on a fresh
     // copy Muon for the attention projections with AdamW for the rest. Then export the AdamW model.
     let ocfg = helpers::optim::OptimConfig { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1,
@@ -170,18 +170,8 @@ def reference(case_dir: Path, experts: int, top_k: int, norm: bool, layers: int,
     for l, rl in enumerate(out.router_logits):
         ref[f"router_logits.{l}"] = rl.detach()
         ref[f"expert_idx.{l}"] = torch.topk(rl.float().softmax(-1), top_k, dim=-1).indices
-    for name, g in grads.items():
-        if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, D), gate rows first
-            prefix, i = name[: -len(".gate_up_proj")], g.shape[1] // 2
-            for j in range(g.shape[0]):
-                ref[f"grad.{prefix}.{j}.gate_proj.weight"] = g[j, :i]
-                ref[f"grad.{prefix}.{j}.up_proj.weight"] = g[j, i:]
-        elif name.endswith("mlp.experts.down_proj"):  # (E, D, I)
-            prefix = name[: -len(".down_proj")]
-            for j in range(g.shape[0]):
-                ref[f"grad.{prefix}.{j}.down_proj.weight"] = g[j]
-        else:
-            ref[f"grad.{name}"] = g
+    for name, g in grads.items():  # stacked experts: the notebook's names and layout are transformers'
+        ref[f"grad.{name}"] = g
     # Five AdamW steps with the notebook's hyper-parameters, on the same batch.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     losses = []

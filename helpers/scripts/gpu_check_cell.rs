@@ -38,7 +38,7 @@ fn check_grads(model: &OlmoeForCausalLM, named: &[(String, Tensor)], x: &Tensor,
     let out = forward_backward(model, x, y, c, c.aux_loss_coef, 1.0, false, false);
     // copy(): on the CPU in fp32 the conversions are no-ops, and the next backward would write into these.
     let grads = named.iter().map(|(n, t)| (n.clone(), t.grad().to_device(Device::Cpu).to_kind(Kind::Float).copy())).collect();
-    (out.base.double_value(&[]), grads)
+    (out.get("base_loss").double_value(&[]), grads)
 }
 
 /// Relative differences between two sets of gradients: the largest per tensor (norm of the difference
@@ -71,9 +71,7 @@ fn check_memory_estimate(cfg: &ModelConfig, c: &TrainConfig, kind: Kind, device:
         shared_experts: cfg.n_shared_experts, dense_layers: cfg.n_dense_layers, dense_intermediate: cfg.dense_intermediate_size };
     let train = helpers::memory::TrainShape { micro_batch: c.micro_batch_size, seq_len: c.seq_len,
         compute_bytes: kind.elt_size_in_bytes() as i64, master_weights: kind != Kind::Float, muon_fraction: 0.0,
-        activation_checkpointing: c.activation_checkpointing,
-        grouped_experts: cfg.moe_impl == MoeImpl::Grouped || (cfg.moe_impl == MoeImpl::Auto && (!device.is_cuda() || kind == Kind::BFloat16)),
-        loss_chunk: c.loss_chunk };
+        activation_checkpointing: c.activation_checkpointing, loss_chunk: c.loss_chunk };
     let est = helpers::memory::estimate(&shape, &train, &[(format!("{device:?}"), None)], &[])?;
     Ok(est.devices[0].peak())
 }
@@ -125,7 +123,7 @@ fn run_check(spec: &serde_json::Value, rt: &helpers::runtime::Runtime, train_cfg
                 opt.step(1.0);
                 check_sync(device);
                 if s > 0 { times.push(t0.elapsed().as_secs_f64()); }
-                if s == steps { loss = out.base.double_value(&[]); }
+                if s == steps { loss = out.get("base_loss").double_value(&[]); }
             }
             times.sort_by(|a, b| a.partial_cmp(b).unwrap());
             let (n_total, n_active) = cfg.param_counts();
@@ -154,7 +152,7 @@ fn run_check(spec: &serde_json::Value, rt: &helpers::runtime::Runtime, train_cfg
             let mut reference: Option<(f64, Vec<(String, Tensor)>, Tensor)> = None;
             for imp in [MoeImpl::Loop, MoeImpl::Grouped, MoeImpl::Sorted] {
                 for layer in model.layers.iter_mut() { if let FeedForward::Sparse(m) = &mut layer.mlp { m.moe_impl = imp; } }
-                let grouped_ran = model.moe_blocks().first().map(|m| m.grouped_applies(&Tensor::zeros([1, cfg.hidden_size], (kind, device)))).unwrap_or(false);
+                let grouped_ran = model.moe_blocks().first().map(|m| m.experts.grouped_applies(&Tensor::zeros([1, cfg.hidden_size], (kind, device)))).unwrap_or(false);
                 let (loss, grads) = check_grads(&model, &named, &x, &y, &c);
                 let logits = tch::no_grad(|| model.forward(&x).0.to_kind(Kind::Float).to_device(Device::Cpu));
                 let name = format!("{imp:?}").to_lowercase();
@@ -207,9 +205,13 @@ fn run_check(spec: &serde_json::Value, rt: &helpers::runtime::Runtime, train_cfg
             let (x, y) = check_batch(&cfg, spec["batch"].as_i64().unwrap_or(4), spec["seq"].as_i64().unwrap_or(128), device);
             let (_vs0, m0, n0) = check_model(&cfg, device);
             let (l0, g0) = check_grads(&m0, &n0, &x, &y, &c);
-            let (_vs1, mut m1, n1) = check_model(&cfg, device);
-            m1.place_experts(&devices);
+            let (vs1, mut m1, _) = check_model(&cfg, device);
+            m1.place_experts(&vs1, &helpers::placement::shards(&devices));
+            let mut n1: Vec<(String, Tensor)> = vs1.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+            n1.sort_by(|a, b| a.0.cmp(&b.0));
             let (l1, g1) = check_grads(&m1, &n1, &x, &y, &c);
+            let mut g1 = helpers::placement::gather(g1)?; // shards joined into the stacks, as the unplaced model has them
+            g1.sort_by(|a, b| a.0.cmp(&b.0));
             let (rel, worst, overall) = check_grad_diff(&g1, &g0);
             serde_json::json!({ "grad_rel_diff": overall, "placement": spec_map, "devices": devices.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>(),
                 "loss_unplaced": l0, "loss_placed": l1, "loss_rel_diff": (l1 - l0).abs() / l0.abs(),

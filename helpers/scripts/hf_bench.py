@@ -3,7 +3,8 @@ training step (forward with the router logits, loss, backward, AdamW) and one Mo
 backward. Shared by `bash setup.sh bench` (bench_moe.py) and the GPU check (gpu_check.py), which
 carries this file to a GPU machine.
 
-A shape `p` is (hidden D, layers L, heads, experts E, top-k K, expert intermediate I); vocab 50304.
+A shape `p` is (hidden D, layers L, heads, experts E, top-k K, expert intermediate I[, vocab V]);
+the vocabulary is OLMoE's 50304 unless given.
 """
 import statistics
 import time
@@ -13,14 +14,18 @@ import torch
 
 def hf_config(p, impl: str):
     from transformers import OlmoeConfig
-    d, l, h, e, k, i = p
-    cfg = OlmoeConfig(vocab_size=50304, hidden_size=d, intermediate_size=i, num_hidden_layers=l, num_attention_heads=h,
+    d, l, h, e, k, i = p[:6]
+    cfg = OlmoeConfig(vocab_size=vocab(p), hidden_size=d, intermediate_size=i, num_hidden_layers=l, num_attention_heads=h,
                       num_key_value_heads=h, num_experts=e, num_experts_per_tok=k, max_position_embeddings=4096,
                       norm_topk_prob=False, router_aux_loss_coef=0.01, output_router_logits=True, pad_token_id=1,
                       eos_token_id=50279, tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
     cfg._experts_implementation = impl
     return cfg
+
+
+def vocab(p) -> int:
+    return p[6] if len(p) > 6 else 50304
 
 
 def sync(device):
@@ -39,7 +44,7 @@ def hf_train_step(p, impl, b, t, steps, device, dtype, master_fp32=True) -> floa
     if not master_fp32:
         model = model.to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    x = torch.randint(2, 50000, (b, t + 1), device=device)
+    x = torch.randint(2, min(50000, vocab(p)), (b, t + 1), device=device)
     times = []
     for s in range(steps + 1):
         sync(device)

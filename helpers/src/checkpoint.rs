@@ -204,20 +204,22 @@ impl Checkpoint {
 
     /// Copies the saved weights into `vars` (the VarStore's variables, trainable or not), matching
     /// every name and shape, converting dtype. A missing, extra or reshaped tensor is an error
-    /// naming it.
+    /// naming it. Placed experts' shards are cut from the saved whole stacks
+    /// ([`crate::placement::lookup`]), so a run resumes under another placement.
     pub fn load_weights(&self, vars: &HashMap<String, Tensor>) -> Result<usize> {
-        let mut saved = self.tensors("model.safetensors")?;
+        let saved = self.tensors("model.safetensors")?;
         let mut names: Vec<&String> = vars.keys().collect();
         names.sort();
         for name in &names {
-            let Some(src) = saved.remove(*name) else {
+            let Some(src) = crate::placement::lookup(&saved, name) else {
                 bail!("checkpoint {} has no tensor {name}; it was written for a different model", self.dir.display())
             };
             let dst = &vars[*name];
             ensure!(src.size() == dst.size(), "checkpoint tensor {name} has shape {:?} but the model's has {:?}", src.size(), dst.size());
             tch::no_grad(|| dst.shallow_clone().copy_(&src));
         }
-        let mut extra: Vec<_> = saved.into_keys().collect();
+        let used: std::collections::HashSet<String> = crate::placement::sources(names.iter().map(|n| n.as_str())).into_iter().collect();
+        let mut extra: Vec<_> = saved.into_keys().filter(|k| !used.contains(k)).collect();
         extra.sort();
         ensure!(extra.is_empty(), "checkpoint {} has tensors this model does not have: {}", self.dir.display(), extra.join(", "));
         Ok(names.len())

@@ -1,11 +1,12 @@
 //! Hugging Face OLMoE checkpoints: read `config.json` into the notebook's `ModelConfig`, and load
 //! `model.safetensors` (or a sharded `model.safetensors.index.json`) into the notebook's VarStore.
 //!
-//! The notebook's parameter names are the hub checkpoint's (`model.layers.{l}.mlp.experts.{j}.gate_proj.weight`),
-//! so loading is a name-by-name copy. Checkpoints written with the merged expert layout of
-//! transformers 5.x (`mlp.experts.gate_up_proj [E, 2I, D]`, gate rows first, and
-//! `mlp.experts.down_proj [E, D, I]`) are split into per-expert tensors first. A tensor the model
-//! does not have, a parameter the checkpoint lacks, or a shape mismatch is an error naming it.
+//! The notebook's parameter names and layout are transformers 5.x's: each MoE layer's experts are
+//! stacked, `mlp.experts.gate_up_proj [E, 2I, D]` (gate rows first) and `mlp.experts.down_proj
+//! [E, D, I]`, so such a checkpoint loads name by name. The published OLMoE checkpoints store one
+//! tensor per expert (`mlp.experts.{j}.gate_proj.weight`, ...): those are stacked at load. Placed
+//! experts' shards are cut from the stacks ([`crate::placement::lookup`]). A tensor the model does
+//! not have, a parameter the checkpoint lacks, or a shape mismatch is an error naming it.
 //!
 //! [`resolve`] turns a hub id (`allenai/OLMoE-1B-7B-0924`, optionally `@revision`) into a local
 //! directory through `hf-hub`, honouring `HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN` and `HF_HUB_OFFLINE`.
@@ -202,52 +203,71 @@ pub fn weight_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     Ok(weight_files_listed(&index)?.into_iter().map(|f| dir.join(f)).collect())
 }
 
-/// Reads every tensor of the checkpoint, splitting merged expert tensors into per-expert ones.
+/// Reads every tensor of the checkpoint, stacking per-expert tensors (the hub's OLMoE layout) into
+/// `mlp.experts.gate_up_proj` (E, 2I, D) and `mlp.experts.down_proj` (E, D, I).
 pub fn read_tensors(dir: impl AsRef<Path>) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
+    // prefix ("model.layers.3.mlp") -> expert -> part ("gate_proj", "up_proj", "down_proj") -> (out, in)
+    let mut experts: BTreeMap<String, BTreeMap<i64, BTreeMap<String, Tensor>>> = BTreeMap::new();
     for file in weight_files(&dir)? {
         let tensors = Tensor::read_safetensors(&file).with_cause(|| format!("cannot read {}", file.display()))?;
         for (name, t) in tensors {
-            if let Some(prefix) = name.strip_suffix(".experts.gate_up_proj") {
-                let (e, two_i) = (t.size()[0], t.size()[1]);
-                for j in 0..e {
-                    let w = t.get(j); // (2I, D), gate rows first
-                    out.insert(format!("{prefix}.experts.{j}.gate_proj.weight"), w.narrow(0, 0, two_i / 2).contiguous());
-                    out.insert(format!("{prefix}.experts.{j}.up_proj.weight"), w.narrow(0, two_i / 2, two_i / 2).contiguous());
+            match per_expert_name(&name) {
+                Some((prefix, j, part)) => {
+                    experts.entry(prefix).or_default().entry(j).or_default().insert(part, t);
                 }
-            } else if let Some(prefix) = name.strip_suffix(".experts.down_proj") {
-                for j in 0..t.size()[0] {
-                    out.insert(format!("{prefix}.experts.{j}.down_proj.weight"), t.get(j).contiguous()); // (D, I)
+                None => {
+                    out.insert(name, t);
                 }
-            } else {
-                out.insert(name, t);
             }
         }
     }
+    for (prefix, by_expert) in experts {
+        let n = by_expert.len() as i64;
+        ensure!(by_expert.keys().copied().eq(0..n), "{prefix}: the checkpoint's experts are not numbered 0..{n}");
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for (j, parts) in by_expert {
+            let get = |p: &str| parts.get(p).with_context(|| format!("{prefix}.experts.{j}.{p}.weight is missing from the checkpoint"));
+            gate_up.push(Tensor::cat(&[get("gate_proj")?, get("up_proj")?], 0)); // (2I, D), gate rows first
+            down.push(get("down_proj")?.shallow_clone()); // (D, I)
+        }
+        out.insert(format!("{prefix}.experts.gate_up_proj"), Tensor::stack(&gate_up, 0));
+        out.insert(format!("{prefix}.experts.down_proj"), Tensor::stack(&down, 0));
+    }
     Ok(out)
+}
+
+/// `model.layers.3.mlp.experts.5.gate_proj.weight` -> ("model.layers.3.mlp", 5, "gate_proj").
+fn per_expert_name(name: &str) -> Option<(String, i64, String)> {
+    let (prefix, rest) = name.split_once(".experts.")?;
+    let (j, rest) = rest.split_once('.')?;
+    let part = rest.strip_suffix(".weight")?;
+    let j = j.parse::<i64>().ok()?;
+    ["gate_proj", "up_proj", "down_proj"].contains(&part).then(|| (prefix.to_string(), j, part.to_string()))
 }
 
 /// Copies the checkpoint in `dir` into the variables of `vs` (converting dtypes to the variables').
 /// Every variable must be covered and every checkpoint tensor used, with equal shapes.
 pub fn load_weights(dir: impl AsRef<Path>, vs: &VarStore) -> Result<usize> {
     let dir = dir.as_ref();
-    let mut ckpt = read_tensors(dir)?;
+    let ckpt: std::collections::HashMap<String, Tensor> = read_tensors(dir)?.into_iter().collect();
     let vars = vs.variables();
     // Buffers (non-trainable variables such as the LFLB bias) that the checkpoint lacks keep their
     // initial values; every trainable parameter must be there.
-    let mut missing: Vec<&String> = vars.iter().filter(|(k, v)| v.requires_grad() && !ckpt.contains_key(*k)).map(|(k, _)| k).collect();
+    let mut missing: Vec<&String> = vars.iter().filter(|(k, v)| v.requires_grad() && crate::placement::lookup(&ckpt, k).is_none()).map(|(k, _)| k).collect();
     missing.sort();
     if !missing.is_empty() {
         bail!("{}: the checkpoint lacks {} parameter(s) of the model, e.g. {:?}", dir.display(), missing.len(), &missing[..missing.len().min(5)]);
     }
-    let mut unknown: Vec<&String> = ckpt.keys().filter(|k| !vars.contains_key(*k)).collect();
+    let used: std::collections::HashSet<String> = crate::placement::sources(vars.keys().map(|k| k.as_str())).into_iter().collect();
+    let mut unknown: Vec<&String> = ckpt.keys().filter(|k| !used.contains(*k)).collect();
     unknown.sort();
     if !unknown.is_empty() {
         bail!("{}: the checkpoint has {} tensor(s) the model does not, e.g. {:?}", dir.display(), unknown.len(), &unknown[..unknown.len().min(5)]);
     }
     tch::no_grad(|| -> Result<()> {
         for (name, var) in &vars {
-            let Some(src) = ckpt.remove(name) else { continue };
+            let Some(src) = crate::placement::lookup(&ckpt, name) else { continue };
             ensure!(src.size() == var.size(), "{name}: checkpoint shape {:?} != model shape {:?}", src.size(), var.size());
             var.shallow_clone().copy_(&src.to_kind(var.kind()).to_device(var.device()));
         }
@@ -258,7 +278,7 @@ pub fn load_weights(dir: impl AsRef<Path>, vs: &VarStore) -> Result<usize> {
 
 /// Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` and
 /// `AutoTokenizer.from_pretrained` load with no extra code: `config.json` (`model_type: olmoe`),
-/// `model.safetensors` (per-expert names, the hub layout), `generation_config.json`, and the
+/// `model.safetensors` (stacked experts, transformers 5.x's layout), `generation_config.json`, and the
 /// tokenizer (`tokenizer.json` + `tokenizer_config.json`).
 ///
 /// `model_config` is the notebook's `ModelConfig` (serialised); `aux_loss_coef` is recorded as
@@ -270,7 +290,8 @@ pub fn export(dir: impl AsRef<Path>, weights: &[(String, Tensor)], model_config:
     let num = |k: &str| m.get(k).and_then(Value::as_i64).unwrap_or(0);
     ensure!(num("n_shared_experts") == 0, "Hugging Face export refused: OLMoE has no shared experts (this model has {}); transformers would load it without them", num("n_shared_experts"));
     ensure!(num("n_dense_layers") == 0, "Hugging Face export refused: OLMoE has no dense layers (this model has {}); transformers would expect an MoE in every block", num("n_dense_layers"));
-    let vars: BTreeMap<String, Tensor> = weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    // Placed experts' shards become whole stacks.
+    let vars: BTreeMap<String, Tensor> = crate::placement::gather(weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())?.into_iter().collect();
     if vars.keys().any(|k| k.ends_with(".lflb_bias")) {
         bail!("Hugging Face export refused: the loss-free balancing bias changes which experts are chosen, and transformers' OLMoE has no such bias");
     }
@@ -314,9 +335,10 @@ pub fn export(dir: impl AsRef<Path>, weights: &[(String, Tensor)], model_config:
 
 fn is_olmoe_name(name: &str) -> bool {
     const TOP: [&str; 3] = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"];
-    const LAYER: [&str; 9] = [
+    const LAYER: [&str; 11] = [
         "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
         "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate.weight",
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj",
     ];
     if TOP.contains(&name) {
         return true;
@@ -326,10 +348,5 @@ fn is_olmoe_name(name: &str) -> bool {
     if l.parse::<u32>().is_err() {
         return false;
     }
-    if LAYER.contains(&rest) {
-        return true;
-    }
-    let Some(rest) = rest.strip_prefix("mlp.experts.") else { return false };
-    let Some((j, rest)) = rest.split_once('.') else { return false };
-    j.parse::<u32>().is_ok() && ["gate_proj.weight", "up_proj.weight", "down_proj.weight"].contains(&rest)
+    LAYER.contains(&rest)
 }

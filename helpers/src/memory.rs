@@ -66,9 +66,6 @@ pub struct TrainShape {
     /// Fraction of parameters updated by Muon (one state buffer) instead of AdamW (two).
     pub muon_fraction: f64,
     pub activation_checkpointing: bool,
-    /// The grouped expert path stacks every layer's expert weights for its matmuls, and autograd
-    /// keeps the stacked copies until the backward pass.
-    pub grouped_experts: bool,
     /// Tokens per chunk of the fused cross-entropy (`train.loss_chunk`); 0 = full logits.
     pub loss_chunk: i64,
 }
@@ -129,6 +126,13 @@ impl std::fmt::Display for Estimate {
 /// log-softmax or, fused, one chunk of them); with activation checkpointing only block inputs plus
 /// one block's activations.
 pub fn estimate(m: &ModelShape, t: &TrainShape, devices: &[(String, Option<f64>)], expert_devices: &[usize]) -> Result<Estimate> {
+    estimate_with_params(m, t, devices, expert_devices, None)
+}
+
+/// [`estimate`], with the parameters on each device (one count per entry of `devices`) counted from
+/// the model as built rather than from the shape's formula: a copy of the notebook that adds
+/// parameters is counted right without editing this crate. Activations still follow the shape.
+pub fn estimate_with_params(m: &ModelShape, t: &TrainShape, devices: &[(String, Option<f64>)], expert_devices: &[usize], params: Option<&[f64]>) -> Result<Estimate> {
     anyhow::ensure!(!devices.is_empty(), "no devices given");
     anyhow::ensure!(
         expert_devices.is_empty() || expert_devices.len() as i64 == m.experts,
@@ -172,8 +176,6 @@ pub fn estimate(m: &ModelShape, t: &TrainShape, devices: &[(String, Option<f64>)
     } else {
         all_blocks + head_act
     };
-    // The grouped path's stacked weight copies (kept for backward), per MoE layer.
-    let stacked = if t.grouped_experts { moe_layers * expert_params * s } else { 0.0 };
 
     let mut out: Vec<DeviceMemory> = devices.iter().map(|(n, c)| DeviceMemory { device: n.clone(), capacity: *c, ..Default::default() }).collect();
     let add_params = |dm: &mut DeviceMemory, n: f64| {
@@ -181,12 +183,20 @@ pub fn estimate(m: &ModelShape, t: &TrainShape, devices: &[(String, Option<f64>)
         dm.gradients += n * s;
         dm.optimizer += n * opt_per_param;
     };
-    add_params(&mut out[0], primary_params);
+    if let Some(params) = params {
+        anyhow::ensure!(params.len() == devices.len(), "{} parameter counts for {} devices", params.len(), devices.len());
+        for (dm, n) in out.iter_mut().zip(params) {
+            add_params(dm, *n);
+        }
+    } else {
+        add_params(&mut out[0], primary_params);
+    }
     out[0].activations += tokens * acts_per_token + head_once;
     for j in 0..m.experts as usize {
         let dev = expert_devices.get(j).copied().unwrap_or(0);
-        add_params(&mut out[dev], moe_layers * expert_params);
-        out[dev].activations += stacked;
+        if params.is_none() {
+            add_params(&mut out[dev], moe_layers * expert_params);
+        }
         if dev != 0 {
             // This expert's share of the expert activations lives where it runs.
             let per_expert = tokens * k / e * moe_layers * (4.0 * i + 3.0 * d) * s;
@@ -275,5 +285,26 @@ mod tests {
         assert!(0 < rss && rss <= peak, "rss {rss}, peak {peak}");
         let e = proc_kib("/proc/meminfo", "NoSuchField:").unwrap_err().to_string();
         assert_eq!(e, "no NoSuchField: in /proc/meminfo");
+    }
+
+    #[test]
+    fn counted_parameters_replace_the_formula() {
+        let m = ModelShape { vocab: 1000, hidden: 64, layers: 2, experts: 4, top_k: 2, intermediate: 32, shared_experts: 0, dense_layers: 0, dense_intermediate: 0 };
+        let t = TrainShape { micro_batch: 2, seq_len: 16, compute_bytes: 4, master_weights: false, muon_fraction: 0.0, activation_checkpointing: false, loss_chunk: 0 };
+        let devs = [("cpu".to_string(), None), ("cpu:experts".to_string(), None)];
+        let placed = [1usize; 4];
+        let formula = estimate(&m, &t, &devs, &placed).unwrap();
+        // The formula's own counts, given per device, give the same estimate.
+        let (d, e, i) = (64.0, 4.0, 32.0);
+        let primary = 2.0 * 1000.0 * d + d + 2.0 * (4.0 * d * d + 4.0 * d) + 2.0 * (e * d);
+        let experts = 2.0 * e * 3.0 * d * i;
+        let counted = estimate_with_params(&m, &t, &devs, &placed, Some(&[primary, experts])).unwrap();
+        for (a, b) in formula.devices.iter().zip(&counted.devices) {
+            assert_eq!((a.weights, a.optimizer, a.activations), (b.weights, b.optimizer, b.activations));
+        }
+        // A copy with a million more parameters on the first device is counted with them.
+        let more = estimate_with_params(&m, &t, &devs, &placed, Some(&[primary + 1e6, experts])).unwrap();
+        assert_eq!(more.devices[0].weights - counted.devices[0].weights, 4e6);
+        assert!(estimate_with_params(&m, &t, &devs, &placed, Some(&[1.0])).unwrap_err().to_string().contains("1 parameter counts for 2 devices"));
     }
 }

@@ -23,7 +23,7 @@ pub enum Rule {
     AdamW,
     /// AdamW without weight decay (norms and embeddings, when configured so).
     AdamWNoDecay,
-    /// Muon (2-D hidden matrices only), with decoupled weight decay.
+    /// Muon (hidden matrices, or stacks of them), with decoupled weight decay.
     Muon,
 }
 
@@ -77,7 +77,7 @@ impl Optimizer {
         for (name, tensor, rule) in params {
             ensure!(tensor.requires_grad(), "parameter {name} does not require grad");
             if rule == Rule::Muon {
-                ensure!(tensor.dim() == 2, "Muon applies to 2-D matrices only, but {name} has shape {:?}; give it an AdamW rule", tensor.size());
+                ensure!(matches!(tensor.dim(), 2 | 3), "Muon applies to matrices (2-D) or stacks of them (3-D, e.g. stacked experts: one matrix per expert), but {name} has shape {:?}; give it an AdamW rule", tensor.size());
             }
             out.push(Param { name, tensor, master: None, rule, state: Vec::new() });
         }
@@ -188,32 +188,36 @@ impl Optimizer {
     /// missing or mismatched tensor.
     pub fn load_state(&mut self, mut saved: HashMap<String, Tensor>, step: i64) -> Result<()> {
         let step = saved.remove("step").map_or(step, |t| t.int64_value(&[]));
-        let device = self.params.first().map(|p| p.tensor.device());
+        let mut used = std::collections::HashSet::new();
         for p in &mut self.params {
             let names: &[&str] = if p.rule == Rule::Muon { &["momentum"] } else { &STATE_NAMES };
             let mut state = Vec::new();
             for n in names {
+                // Placed experts: a shard's state is cut from the saved whole stack's.
                 let key = format!("{n}.{}", p.name);
-                match saved.remove(&key) {
+                match crate::placement::lookup(&saved, &key) {
                     Some(t) => {
                         ensure!(t.size() == p.tensor.size(), "optimizer state {key} has shape {:?} but the parameter has {:?}", t.size(), p.tensor.size());
-                        state.push(t.to_device(device.unwrap()));
+                        state.push(t.to_device(p.tensor.device())); // the state lives where its weights are
                     }
                     None if step == 0 => {}
                     None => bail!("optimizer state {key} is missing from the checkpoint (was it written with another optimizer? parameter {} uses {:?})", p.name, p.rule),
                 }
+                used.extend(crate::placement::sources([key.as_str()]));
             }
             p.state = state;
             let key = format!("master.{}", p.name);
-            match (saved.remove(&key), &mut p.master) {
+            match (crate::placement::lookup(&saved, &key), &mut p.master) {
                 (Some(t), Some(m)) => tch::no_grad(|| m.copy_(&t)),
                 (None, Some(m)) => tch::no_grad(|| m.copy_(&p.tensor.to_kind(Kind::Float))),
                 _ => {}
             }
+            used.extend(crate::placement::sources([key.as_str()]));
             if let Some(m) = &p.master {
                 tch::no_grad(|| p.tensor.copy_(m));
             }
         }
+        saved.retain(|k, _| !used.contains(k));
         let mut extra: Vec<_> = saved.into_keys().filter(|k| !k.starts_with("master.")).collect();
         extra.sort();
         ensure!(extra.is_empty(), "the checkpoint has optimizer state for parameters this model does not have: {}", extra.join(", "));
@@ -251,7 +255,7 @@ fn muon_update(w: &mut Tensor, g: &Tensor, state: &mut Vec<Tensor>, lr: f64, c: 
     let _ = buf.lerp_(g, 1.0 - c.muon_momentum);
     let update = if c.muon_nesterov { g.lerp(buf, c.muon_momentum) } else { buf.shallow_clone() };
     let o = newton_schulz(&update, c.muon_ns_steps); // bf16
-    let (rows, cols) = (w.size()[0] as f64, w.size()[1] as f64);
+    let (rows, cols) = (w.size()[w.dim() - 2] as f64, w.size()[w.dim() - 1] as f64);
     let scale = (rows / cols).max(1.0).sqrt();
     let _ = w.g_mul_scalar_(1.0 - lr * c.muon_weight_decay);
     let _ = w.g_add_(&(o.to_kind(w.kind()) * (-lr * scale)));
@@ -259,23 +263,27 @@ fn muon_update(w: &mut Tensor, g: &Tensor, state: &mut Vec<Tensor>, lr: f64, c: 
 
 /// Approximately U V^T of G = U S V^T: quintic Newton-Schulz iterations with the coefficients
 /// (3.4445, -4.7750, 2.0315), in bf16, op for op as `torch.optim.Muon` (so results match PyTorch).
+/// A 3-D `g` is a stack of matrices (stacked experts), each orthogonalised on its own.
 pub fn newton_schulz(g: &Tensor, steps: i64) -> Tensor {
     let (a, b, c) = (3.4445, -4.7750, 2.0315);
+    let stacked = g.dim() == 3;
     let mut x = g.to_kind(Kind::BFloat16);
-    let tall = x.size()[0] > x.size()[1];
+    let tall = x.size()[x.dim() - 2] > x.size()[x.dim() - 1];
     if tall {
-        x = x.tr();
+        x = x.transpose(-2, -1);
     }
-    x = &x / x.norm().clamp_min(1e-7); // spectral norm <= 1
+    // spectral norm <= 1: each matrix divided by its Frobenius norm
+    x = if stacked { &x / x.norm_scalaropt_dim(2, [-2, -1], true).clamp_min(1e-7) } else { &x / x.norm().clamp_min(1e-7) };
+    let mut x3 = if stacked { x } else { x.unsqueeze(0) }; // (B, rows, cols)
     for _ in 0..steps {
         // Rust note: baddbmm(beta, alpha) on a batch of one is torch.addmm(input, m1, m2, beta, alpha).
-        let x3 = x.unsqueeze(0);
-        let gram = x3.matmul(&x3.transpose(1, 2)); // (1, rows, rows)
+        let gram = x3.matmul(&x3.transpose(1, 2)); // (B, rows, rows)
         let update = gram.baddbmm(&gram, &gram, b, c); // b G + c G G
-        x = x3.baddbmm(&update, &x3, a, 1.0).squeeze_dim(0); // a X + (b G + c G G) X
+        x3 = x3.baddbmm(&update, &x3, a, 1.0); // a X + (b G + c G G) X
     }
+    let mut x = if stacked { x3 } else { x3.squeeze_dim(0) };
     if tall {
-        x = x.tr();
+        x = x.transpose(-2, -1);
     }
     x
 }
@@ -420,5 +428,13 @@ mod tests {
         assert!(lo > 0.5 && hi < 1.3, "singular values in [{lo}, {hi}]");
         let tall = newton_schulz(&g.tr(), 5);
         assert_eq!(tall.size(), vec![64, 32]);
+        // A stack (stacked experts' weights): each matrix orthogonalised on its own.
+        let stack = Tensor::stack(&[&g, &(&g * 3.0).flip([1])], 0).transpose(1, 2); // (2, 64, 32): tall
+        let o = newton_schulz(&stack, 5).to_kind(Kind::Float);
+        for j in 0..2 {
+            let alone = newton_schulz(&stack.get(j), 5).to_kind(Kind::Float);
+            let diff = (&o.get(j) - &alone).abs().max().double_value(&[]);
+            assert!(diff < 2e-2, "matrix {j} of the stack differs from itself alone by {diff}");
+        }
     }
 }

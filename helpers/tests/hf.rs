@@ -7,22 +7,19 @@ fn write(dir: &std::path::Path, tensors: &[(&str, &Tensor)]) {
     Tensor::write_safetensors(tensors, dir.join("model.safetensors")).unwrap();
 }
 
-/// A tiny stand-in for a notebook model: two experts of width 3 over D = 4.
+/// A tiny stand-in for a notebook model: two stacked experts of width 3 over D = 4.
 fn var_store() -> nn::VarStore {
     let vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
     let _ = (&root / "model" / "norm").var("weight", &[4], nn::Init::Const(0.0));
-    for j in 0..2 {
-        let e = &root / "model" / "layers" / 0 / "mlp" / "experts" / j;
-        let _ = (&e / "gate_proj").var("weight", &[3, 4], nn::Init::Const(0.0));
-        let _ = (&e / "up_proj").var("weight", &[3, 4], nn::Init::Const(0.0));
-        let _ = (&e / "down_proj").var("weight", &[4, 3], nn::Init::Const(0.0));
-    }
+    let e = &root / "model" / "layers" / 0 / "mlp" / "experts";
+    let _ = e.var("gate_up_proj", &[2, 6, 4], nn::Init::Const(0.0));
+    let _ = e.var("down_proj", &[2, 4, 3], nn::Init::Const(0.0));
     vs
 }
 
 #[test]
-fn merged_expert_layout_is_split_gate_rows_first() {
+fn stacked_experts_load_as_they_are_and_per_expert_ones_are_stacked_gate_rows_first() {
     let dir = tempfile::tempdir().unwrap();
     let gate_up = Tensor::arange(2 * 6 * 4, (Kind::Float, Device::Cpu)).view([2, 6, 4]); // (E, 2I, D)
     let down = Tensor::arange(2 * 4 * 3, (Kind::Float, Device::Cpu)).view([2, 4, 3]); // (E, D, I)
@@ -33,24 +30,52 @@ fn merged_expert_layout_is_split_gate_rows_first() {
         ("model.layers.0.mlp.experts.down_proj", &down),
     ]);
     let vs = var_store();
-    assert_eq!(hf::load_weights(dir.path(), &vs).unwrap(), 7);
+    assert_eq!(hf::load_weights(dir.path(), &vs).unwrap(), 3);
     let v = vs.variables();
-    assert!(v["model.layers.0.mlp.experts.1.gate_proj.weight"].equal(&gate_up.get(1).narrow(0, 0, 3)));
-    assert!(v["model.layers.0.mlp.experts.1.up_proj.weight"].equal(&gate_up.get(1).narrow(0, 3, 3)));
-    assert!(v["model.layers.0.mlp.experts.0.down_proj.weight"].equal(&down.get(0)));
+    assert!(v["model.layers.0.mlp.experts.gate_up_proj"].equal(&gate_up));
+    assert!(v["model.layers.0.mlp.experts.down_proj"].equal(&down));
     assert!(v["model.norm.weight"].equal(&norm));
+
+    // The hub's OLMoE layout: one tensor per expert and projection.
+    let hub = tempfile::tempdir().unwrap();
+    let mut per_expert: Vec<(String, Tensor)> = vec![("model.norm.weight".into(), norm.shallow_clone())];
+    for j in 0..2 {
+        let p = format!("model.layers.0.mlp.experts.{j}");
+        per_expert.push((format!("{p}.gate_proj.weight"), gate_up.get(j).narrow(0, 0, 3).contiguous()));
+        per_expert.push((format!("{p}.up_proj.weight"), gate_up.get(j).narrow(0, 3, 3).contiguous()));
+        per_expert.push((format!("{p}.down_proj.weight"), down.get(j).contiguous()));
+    }
+    Tensor::write_safetensors(&per_expert, hub.path().join("model.safetensors")).unwrap();
+    let vs = var_store();
+    hf::load_weights(hub.path(), &vs).unwrap();
+    assert!(vs.variables()["model.layers.0.mlp.experts.gate_up_proj"].equal(&gate_up));
+    assert!(vs.variables()["model.layers.0.mlp.experts.down_proj"].equal(&down));
+
+    // Placed experts: each shard gets the rows of its experts.
+    let placed = nn::VarStore::new(Device::Cpu);
+    let root = placed.root();
+    let _ = (&root / "model" / "norm").var("weight", &[4], nn::Init::Const(0.0));
+    let e = &root / "model" / "layers" / 0 / "mlp";
+    let _ = (&e / "experts[1]").var("gate_up_proj", &[1, 6, 4], nn::Init::Const(0.0));
+    let _ = (&e / "experts[0]").var("gate_up_proj", &[1, 6, 4], nn::Init::Const(0.0));
+    let _ = (&e / "experts[0,1]").var("down_proj", &[2, 4, 3], nn::Init::Const(0.0));
+    hf::load_weights(hub.path(), &placed).unwrap();
+    assert!(placed.variables()["model.layers.0.mlp.experts[1].gate_up_proj"].equal(&gate_up.narrow(0, 1, 1)));
+    assert!(placed.variables()["model.layers.0.mlp.experts[0,1].down_proj"].equal(&down));
+
+    // A hub checkpoint with an expert's projection missing.
+    let broken = tempfile::tempdir().unwrap();
+    Tensor::write_safetensors(&per_expert[..per_expert.len() - 1], broken.path().join("model.safetensors")).unwrap();
+    let e = hf::load_weights(broken.path(), &var_store()).unwrap_err().to_string();
+    assert!(e.contains("model.layers.0.mlp.experts.1.down_proj.weight is missing"), "{e}");
 }
 
 #[test]
 fn missing_unknown_and_misshaped_tensors_are_named() {
     let vs = var_store();
     let t = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
-    let experts: Vec<(String, Tensor)> = (0..2)
-        .flat_map(|j| {
-            let p = format!("model.layers.0.mlp.experts.{j}");
-            [(format!("{p}.gate_proj.weight"), t(&[3, 4])), (format!("{p}.up_proj.weight"), t(&[3, 4])), (format!("{p}.down_proj.weight"), t(&[4, 3]))]
-        })
-        .collect();
+    let experts: Vec<(String, Tensor)> =
+        vec![("model.layers.0.mlp.experts.gate_up_proj".into(), t(&[2, 6, 4])), ("model.layers.0.mlp.experts.down_proj".into(), t(&[2, 4, 3]))];
     let refs = |extra: Vec<(&'static str, Tensor)>| -> Vec<(String, Tensor)> {
         experts.iter().map(|(n, x)| (n.clone(), x.shallow_clone())).chain(extra.into_iter().map(|(n, x)| (n.to_string(), x))).collect()
     };
@@ -148,7 +173,7 @@ fn sharded_checkpoints_load_through_their_index() {
     let dir = tempfile::tempdir().unwrap();
     let vs = var_store();
     let names: Vec<String> = vs.variables().keys().cloned().collect();
-    let (first, second) = names.split_at(3);
+    let (first, second) = names.split_at(2);
     let mut weight_map = serde_json::Map::new();
     for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
         let tensors: Vec<(String, Tensor)> = part.iter().map(|n| (n.clone(), vs.variables()[n].ones_like() * 2.0)).collect();
@@ -159,6 +184,6 @@ fn sharded_checkpoints_load_through_their_index() {
     }
     let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
     std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
-    assert_eq!(hf::load_weights(dir.path(), &vs).unwrap(), 7);
+    assert_eq!(hf::load_weights(dir.path(), &vs).unwrap(), 3);
     assert!(vs.variables().values().all(|v| v.eq(2.0).all().int64_value(&[]) == 1));
 }
