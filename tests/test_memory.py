@@ -1,6 +1,8 @@
 """`helpers::memory::estimate` against the measured peak resident memory of real training steps on
 CPU, for two configurations, in a notebook made of the experiment's own deps, config and model cells
-plus one test cell (issue: fast MoE ... memory: know before you launch)."""
+plus one test cell (issue: fast MoE ... memory: know before you launch). Every experiment notebook:
+the parameters are counted from its model as built, as its Memory cell counts them."""
+import pytest
 import os
 import re
 import subprocess
@@ -21,11 +23,13 @@ MEMORY_CELL = r'''
 fn mem_case(name: &str, cfg: &ModelConfig, b: i64, t: i64, checkpointing: bool, loss_chunk: i64) -> (f64, f64) {
     helpers::memory::reset_peak_rss().unwrap();
     let base = helpers::memory::rss_bytes().unwrap() as f64;
+    let n_params: f64;
     {
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = OlmoeForCausalLM::new(&vs, cfg);
         let named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        n_params = named.iter().map(|(_, t)| t.numel() as f64).sum(); // the model as built
         let mut opt = helpers::optim::Optimizer::new(named.iter().map(|(n, t)| (n.clone(), t.shallow_clone(), helpers::optim::Rule::AdamW)).collect(),
             helpers::optim::OptimConfig { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, muon_lr: 0.0, muon_momentum: 0.95,
                                           muon_nesterov: true, muon_ns_steps: 5, muon_weight_decay: 0.0 }).unwrap();
@@ -49,7 +53,7 @@ fn mem_case(name: &str, cfg: &ModelConfig, b: i64, t: i64, checkpointing: bool, 
         dense_layers: cfg.n_dense_layers, dense_intermediate: cfg.dense_intermediate_size };
     let train = helpers::memory::TrainShape { micro_batch: b, seq_len: t, compute_bytes: 4, master_weights: false, muon_fraction: 0.0,
         activation_checkpointing: checkpointing, loss_chunk };
-    let est = helpers::memory::estimate(&shape, &train, &[("cpu".to_string(), None)], &[]).unwrap();
+    let est = helpers::memory::estimate_with_params(&shape, &train, &[("cpu".to_string(), None)], &[], Some(&[n_params])).unwrap();
     print!("{est}");
     let e = est.devices[0].peak();
     println!("@@memory {name}: estimate {:.1} MiB, measured {:.1} MiB", e / 1048576.0, measured / 1048576.0);
@@ -62,14 +66,15 @@ mem_case("e32-k4 8x256 unfused CE", &wide, 8, 256, false, 0);
 '''
 
 
-def test_memory_estimate_matches_measured_peak(tmp_path):
-    src = nbformat.read(EXPERIMENT, as_version=4)
+@pytest.mark.parametrize("notebook", sorted((ROOT / "experiments").glob("*/experiment.ipynb")), ids=lambda p: p.parent.name)
+def test_memory_estimate_matches_measured_peak(tmp_path, notebook):
+    src = nbformat.read(notebook, as_version=4)
     cells = src.cells
 
     first = next(c.source for c in cells if c.cell_type == "code")
     nb = nbformat.v4.new_notebook(metadata=src.metadata)
     nb.cells = [nbformat.v4.new_code_cell(s) for s in (first, section(cells, "## Configuration"), section(cells, "## Model"), MEMORY_CELL)]
-    path = EXPERIMENT.parent / ".memory-test.ipynb"
+    path = notebook.parent / ".memory-test.ipynb"
     nbformat.write(nb, path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
     env.update({"MOE_RUN_DIR": str(tmp_path / "run"), "MOE_DEVICE": "cpu"})
