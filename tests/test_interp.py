@@ -2,6 +2,7 @@
 the exported routing is transformers' own routing of the same tokens, and the metrics are those of
 the exported table."""
 import json
+import sys
 import math
 from pathlib import Path
 
@@ -16,10 +17,15 @@ BASE = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
 
 def test_copied_cells_are_the_base_experiments_verbatim():
     base = {c.source for c in nbformat.read(BASE, as_version=4).cells if c.cell_type == "code"}
-    tagged = [c for c in nbformat.read(NB, as_version=4).cells if "from-base-olmoe" in c.metadata.get("tags", [])]
-    assert len(tagged) == 5  # deps, config types, model, routing probes, data
+    cells = nbformat.read(NB, as_version=4).cells
+    tagged = [c for c in cells if "from-base-olmoe" in c.metadata.get("tags", [])]
+    # deps, the three config-type cells, the eight Model cells, routing probes, data
+    assert len(tagged) == 14, len(tagged)
     for c in tagged:
         assert c.source in base, f"cell starting {c.source[:60]!r} differs from experiment.ipynb's; copy it again"
+    sys.path.insert(0, str(ROOT / "helpers" / "scripts"))
+    from nbcells import section
+    assert section(cells, "## Model") == section(nbformat.read(BASE, as_version=4).cells, "## Model"), "the whole Model section is the base's"
 
 
 @pytest.fixture(scope="module")

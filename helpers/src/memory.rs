@@ -207,6 +207,51 @@ pub fn estimate_with_params(m: &ModelShape, t: &TrainShape, devices: &[(String, 
     Ok(Estimate { devices: out })
 }
 
+/// The estimate for a model as built: its parameters by device (`named`: the trainable tensors, placed
+/// experts' shards on their devices), `primary` the training device, `expert_devices[e]` the device of
+/// routed expert e (empty: all on `primary`). Capacity: the host's memory on CPU; a GPU's total as the
+/// driver reports it, or `MOE_DEVICE_MEMORY_GIB` to budget less (a GPU shared with other jobs).
+pub fn estimate_built(m: &ModelShape, t: &TrainShape, named: &[(String, tch::Tensor)], primary: tch::Device, expert_devices: &[tch::Device]) -> Result<Estimate> {
+    let budget = std::env::var("MOE_DEVICE_MEMORY_GIB").ok().and_then(|v| v.parse::<f64>().ok()).map(|gib| gib * (1u64 << 30) as f64);
+    let capacity = |d: &tch::Device| match d {
+        tch::Device::Cuda(i) => budget.or_else(|| cuda_mem_info(*i).ok().map(|(_, total)| total as f64)),
+        _ => host_total_bytes().ok().map(|b| b as f64),
+    };
+    let mut devices = vec![primary];
+    for d in expert_devices.iter().chain(named.iter().map(|(_, t)| t.device()).collect::<Vec<_>>().iter()) {
+        if !devices.contains(d) {
+            devices.push(*d);
+        }
+    }
+    let expert_ix: Vec<usize> = expert_devices.iter().map(|d| devices.iter().position(|x| x == d).unwrap()).collect();
+    let named_devices: Vec<(String, Option<f64>)> = devices.iter().map(|d| (format!("{d:?}"), capacity(d))).collect();
+    let params: Vec<f64> = devices.iter().map(|d| named.iter().filter(|(_, t)| t.device() == *d).map(|(_, t)| t.numel() as f64).sum()).collect();
+    estimate_with_params(m, t, &named_devices, &expert_ix, Some(&params))
+}
+
+/// The measured memory to log next to the estimate, for `devices` (the training device first): with
+/// training on the CPU the process's peak RSS (`memory.peak_rss_gib`); on each GPU the driver's used memory
+/// (`memory.cuda_used_gib.N`), which is the caching allocator's reserved peak (it keeps what it
+/// reserved) plus the CUDA context (and any other process on that GPU).
+pub fn measured(devices: &[tch::Device]) -> Vec<(String, f64)> {
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let mut out = Vec::new();
+    if devices.first().is_some_and(|d| !d.is_cuda()) {
+        if let Ok(peak) = peak_rss_bytes() {
+            out.push(("memory.peak_rss_gib".to_string(), gib(peak as f64)));
+        }
+    }
+    let mut gpus: Vec<usize> = devices.iter().filter_map(|d| match d { tch::Device::Cuda(i) => Some(*i), _ => None }).collect();
+    gpus.sort();
+    gpus.dedup();
+    for i in gpus {
+        if let Ok((free, total)) = cuda_mem_info(i) {
+            out.push((format!("memory.cuda_used_gib.{i}"), gib((total - free) as f64)));
+        }
+    }
+    out
+}
+
 /// Total memory of this machine in bytes (`MemTotal` of /proc/meminfo).
 pub fn host_total_bytes() -> Result<u64> {
     Ok(proc_kib("/proc/meminfo", "MemTotal:")? * 1024)

@@ -288,6 +288,44 @@ pub fn newton_schulz(g: &Tensor, steps: i64) -> Tensor {
     x
 }
 
+/// Gradient norms (before clipping) as metrics: `grad_norm.global`, per group
+/// (`grad_norm.group.<group(name)>`), per layer (`grad_norm.layer.<l>` for `model.layers.<l>.`), per
+/// routed expert (`grad_norm.expert.<l>.<e>`: each row of a tensor of the group "experts", the stacked
+/// experts or a placed shard of them), and `grad.nonfinite_count`. One transfer to the host for all.
+pub fn grad_norm_metrics(grads: &[(String, Tensor)], group: impl Fn(&str) -> &'static str) -> serde_json::Map<String, serde_json::Value> {
+    let Some(primary) = grads.first().map(|(_, g)| g.device()) else { return Default::default() }; // experts may live on other devices
+    let (mut keys, mut sq, mut bad): (Vec<String>, Vec<Tensor>, Vec<Tensor>) = Default::default();
+    for (name, g) in grads {
+        let g2 = g.to_kind(Kind::Float).square();
+        let total = g2.sum(Kind::Float).to_device(primary);
+        let layer = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next());
+        let mut k = vec!["grad_norm.global".to_string(), format!("grad_norm.group.{}", group(name))];
+        k.extend(layer.map(|l| format!("grad_norm.layer.{l}")));
+        for key in k {
+            keys.push(key);
+            sq.push(total.shallow_clone());
+        }
+        if let (Some(l), "experts", true) = (layer, group(name), g.dim() == 3) {
+            let ids = crate::placement::parse_shard_name(name).map_or_else(|| (0..g.size()[0]).collect(), |(_, ids)| ids);
+            let rows = g2.sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float).to_device(primary); // (e,)
+            for (r, id) in ids.iter().enumerate() {
+                keys.push(format!("grad_norm.expert.{l}.{id}"));
+                sq.push(rows.get(r as i64));
+            }
+        }
+        bad.push(g.isfinite().logical_not().sum(Kind::Float).to_device(primary));
+    }
+    let sq: Vec<f64> = Vec::try_from(Tensor::stack(&sq, 0).to_kind(Kind::Double)).unwrap();
+    let bad: f64 = Tensor::stack(&bad, 0).sum(Kind::Float).double_value(&[]);
+    let mut acc: std::collections::BTreeMap<String, f64> = Default::default();
+    for (k, v) in keys.iter().zip(&sq) {
+        *acc.entry(k.clone()).or_default() += v;
+    }
+    let mut m: serde_json::Map<String, serde_json::Value> = acc.into_iter().map(|(k, v)| (k, v.sqrt().into())).collect();
+    m.insert("grad.nonfinite_count".into(), bad.into());
+    m
+}
+
 /// Scales the gradients of `params` so their global L2 norm is at most `max` (0 = no clipping);
 /// returns the norm before clipping as a 0-dim fp32 tensor on the parameters' device. No host sync.
 pub fn clip_grad_norm(params: &[Tensor], max: f64) -> Tensor {
