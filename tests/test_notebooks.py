@@ -185,7 +185,8 @@ def test_bad_overrides_fail_the_config_cell_with_a_clear_message(env, message, t
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert message in out
-    assert "cell 3 failed" in out, "the run's settings cell (cell 3, after the config types) must be the one that fails"
+    # Code cells: 1 dependencies, 2-4 the config types (model shape, run settings, presets and checks).
+    assert "cell 5 failed" in out, "the run's settings cell (cell 5, after the config types) must be the one that fails"
     assert "model built" not in out, "nothing may be allocated after a bad config"
 
 
