@@ -10,7 +10,7 @@ from test_notebooks import ROOT
 def test_moe_benchmark_writes_its_table_and_json(tmp_path):
     out = tmp_path / "moe.json"
     proc = subprocess.run([sys.executable, str(ROOT / "helpers/scripts/bench_moe.py"), "--presets", "cpu", "--repeats", "1",
-                           "--steps", "1", "--batch", "2", "--seq", "32", "--impls", "eager,grouped_mm", "--json", str(out)],
+                           "--steps", "1", "--warmup", "1", "--batch", "2", "--seq", "32", "--impls", "eager,grouped_mm", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0

@@ -59,9 +59,9 @@ fn bench_cfg(p: &[i64], balanced: bool) -> ModelConfig {
 }
 
 /// Seconds per training step (the notebook's `forward_backward`: forward, CE + 0.01 x load balancing,
-/// backward; then AdamW), median of `steps` after one warm-up. `loss_chunk` > 0: the notebook's fused
+/// backward; then AdamW), median of `steps` after `warmup` untimed steps. `loss_chunk` > 0: the notebook's fused
 /// cross-entropy in chunks of that many tokens; 0: logits, then cross-entropy.
-fn bench_train_step(cfg: &ModelConfig, b: i64, t: i64, steps: usize, device: Device, kind: Kind, loss_chunk: i64) -> f64 {
+fn bench_train_step(cfg: &ModelConfig, b: i64, t: i64, warmup: usize, steps: usize, device: Device, kind: Kind, loss_chunk: i64) -> f64 {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
     let model = OlmoeForCausalLM::new(&vs, cfg);
@@ -74,21 +74,21 @@ fn bench_train_step(cfg: &ModelConfig, b: i64, t: i64, steps: usize, device: Dev
     let c = TrainConfig { loss_chunk, activation_checkpointing: false, z_loss_coef: 0.0, load_balancing_norm: LoadBalancingNorm::Transformers, ..TrainConfig::olmoe() };
     let (inp, tgt) = (x.narrow(1, 0, t), x.narrow(1, 1, t));
     let mut times = Vec::new();
-    for s in 0..=steps {
+    for s in 0..warmup + steps {
         bench_sync(device);
         let t0 = std::time::Instant::now();
         opt.zero_grad();
         let _ = forward_backward(&model, &inp, &tgt, &c, 0.01, 1.0, false, false);
         opt.step(1.0);
         bench_sync(device);
-        if s > 0 { times.push(t0.elapsed().as_secs_f64()); }
+        if s >= warmup { times.push(t0.elapsed().as_secs_f64()); }
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     times[times.len() / 2]
 }
 
 /// Seconds for forward + backward of one MoE layer and of a dense SwiGLU with intermediate K x I.
-fn bench_layers(cfg: &ModelConfig, n: i64, steps: usize, device: Device, kind: Kind) -> (f64, f64) {
+fn bench_layers(cfg: &ModelConfig, n: i64, warmup: usize, steps: usize, device: Device, kind: Kind) -> (f64, f64) {
     tch::manual_seed(0);
     let mut vs = nn::VarStore::new(device);
     let moe = SparseMoeBlock::new(&(vs.root() / "moe"), cfg);
@@ -98,12 +98,12 @@ fn bench_layers(cfg: &ModelConfig, n: i64, steps: usize, device: Device, kind: K
     let g = Tensor::randn([1, n, cfg.hidden_size], (kind, device));
     let time = |f: &dyn Fn() -> Tensor| {
         let mut times = Vec::new();
-        for s in 0..=steps {
+        for s in 0..warmup + steps {
             bench_sync(device);
             let t0 = std::time::Instant::now();
             (f() * &g).sum(Kind::Float).backward();
             bench_sync(device);
-            if s > 0 { times.push(t0.elapsed().as_secs_f64()); }
+            if s >= warmup { times.push(t0.elapsed().as_secs_f64()); }
         }
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
         times[times.len() / 2]
@@ -111,13 +111,13 @@ fn bench_layers(cfg: &ModelConfig, n: i64, steps: usize, device: Device, kind: K
     (time(&|| moe.forward(&x).0), time(&|| dense.forward(&x)))
 }
 
-fn bench_round(p: &[i64], balanced: bool, b: i64, t: i64, steps: usize, device: Device, kind: Kind) {
+fn bench_round(p: &[i64], balanced: bool, b: i64, t: i64, warmup: usize, steps: usize, device: Device, kind: Kind) {
     let cfg = bench_cfg(p, balanced);
     let _ = helpers::memory::reset_peak_rss();
-    let step_s = bench_train_step(&cfg, b, t, steps, device, kind, TrainConfig::olmoe().loss_chunk);
+    let step_s = bench_train_step(&cfg, b, t, warmup, steps, device, kind, TrainConfig::olmoe().loss_chunk);
     let rss = helpers::memory::peak_rss_bytes().unwrap_or(0); // the training step's peak (weights, optimizer, activations)
-    let plain_s = bench_train_step(&cfg, b, t, steps, device, kind, 0);
-    let (moe_s, dense_s) = bench_layers(&cfg, b * t, steps, device, kind);
+    let plain_s = bench_train_step(&cfg, b, t, warmup, steps, device, kind, 0);
+    let (moe_s, dense_s) = bench_layers(&cfg, b * t, warmup, steps, device, kind);
     let (_, active) = cfg.param_counts();
     let flops = helpers::perf::train_flops_per_token(active - cfg.vocab_size * cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_size, t);
     println!("@@bench@@{}", serde_json::json!({"step_s": step_s, "step_plain_ce_s": plain_s, "moe_layer_s": moe_s, "dense_layer_s": dense_s, "flops_per_token": flops, "peak_rss_bytes": rss}));
@@ -173,7 +173,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default="cpu,cpu-e64", help=f"comma-separated, of: {', '.join(PRESETS)}")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per round (after one warm-up), median taken")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round (after --warmup), median taken")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first, on both sides: on CPU a step reaches its "
+                    "steady speed only after a few (the allocator settles: the first steps ran 1.2-2x slower)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -195,7 +197,7 @@ def main():
     torch.set_num_threads(args.threads)
     impls = args.impls.split(",")
     print(f"bench: presets {presets}, batch {args.batch} x {args.seq} tokens, {args.threads} threads, device {device}, "
-          f"{'bf16' if cuda else 'fp32'}, {args.repeats} interleaved rounds of {args.steps} timed steps; "
+          f"{'bf16' if cuda else 'fp32'}, {args.repeats} interleaved rounds of {args.warmup} warm-up + {args.steps} timed steps; "
           f"torch {torch.__version__}", flush=True)
     env = {"MOE_THREADS": str(args.threads), "MOE_DEVICE": args.device, "MOE_PRESET": "cpu", "MOE_RUN_DIR": str(ROOT / "runs" / "bench" / "kernel")}
     baseline_nb = None
@@ -222,7 +224,7 @@ def main():
             rss = {s: [] for s in sides}
             for r in range(args.repeats):
                 for s, side in sides.items():
-                    out = rust_json(side.run(f"bench_round(&{list(p)}, {str(args.balanced).lower()}, {args.batch}, {args.seq}, {args.steps}, {rdev}, {rkind});"))
+                    out = rust_json(side.run(f"bench_round(&{list(p)}, {str(args.balanced).lower()}, {args.batch}, {args.seq}, {args.warmup}, {args.steps}, {rdev}, {rkind});"))
                     runs[s].append(out["step_s"])
                     runs[f"{s}:plain-ce"].append(out["step_plain_ce_s"])
                     layer[f"{s}_moe"].append(out["moe_layer_s"])
@@ -231,8 +233,8 @@ def main():
                     if s == "rust":
                         flops = out["flops_per_token"]
                 for i in impls:
-                    runs[f"hf:{i}"].append(hf_train_step(p, i, args.batch, args.seq, args.steps, device, dtype))
-                    layer[f"hf_moe:{i}"].append(hf_moe_layer(p, i, args.batch * args.seq, args.steps, device, dtype))
+                    runs[f"hf:{i}"].append(hf_train_step(p, i, args.batch, args.seq, args.steps, device, dtype, warmup=args.warmup))
+                    layer[f"hf_moe:{i}"].append(hf_moe_layer(p, i, args.batch * args.seq, args.steps, device, dtype, warmup=args.warmup))
                 print(f"  {name} round {r + 1}/{args.repeats}: " + ", ".join(f"{s} {runs[s][-1]:.3f}s/step (plain CE {runs[s + ':plain-ce'][-1]:.3f}s)" for s in sides) + ", "
                       + ", ".join(f"{i} {runs[f'hf:{i}'][-1]:.3f}s" for i in impls), flush=True)
             tokens = args.batch * args.seq
@@ -281,7 +283,7 @@ def main():
     out = args.json or ROOT / "runs" / "bench" / f"moe-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": str(device), "threads": args.threads, "batch": args.batch, "seq": args.seq,
-                               "repeats": args.repeats, "steps": args.steps, "balanced_routing_notebook": args.balanced,
+                               "repeats": args.repeats, "warmup": args.warmup, "steps": args.steps, "balanced_routing_notebook": args.balanced,
                                "peak_flops": peak, "torch": torch.__version__, "results": results}, indent=1))
     print(f"figures: {out}")
 

@@ -33,8 +33,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def hf_train_step(p, impl, b, t, steps, device, dtype, master_fp32=True) -> float:
-    """Median seconds of `steps` training steps after one warm-up. With `master_fp32` the weights and
+def hf_train_step(p, impl, b, t, steps, device, dtype, master_fp32=True, warmup=1) -> float:
+    """Median seconds of `steps` training steps after `warmup` untimed ones. With `master_fp32` the weights and
     AdamW state are fp32 and the forward runs under autocast in `dtype` (bf16-mixed); without, the
     model and its optimizer state are `dtype` throughout (pure bf16: half the memory)."""
     from transformers import OlmoeForCausalLM
@@ -46,7 +46,7 @@ def hf_train_step(p, impl, b, t, steps, device, dtype, master_fp32=True) -> floa
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     x = torch.randint(2, min(50000, vocab(p)), (b, t + 1), device=device)
     times = []
-    for s in range(steps + 1):
+    for s in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -55,23 +55,23 @@ def hf_train_step(p, impl, b, t, steps, device, dtype, master_fp32=True) -> floa
         out.loss.backward()
         opt.step()
         sync(device)
-        if s > 0:
+        if s >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def hf_moe_layer(p, impl, n, steps, device, dtype) -> float:
+def hf_moe_layer(p, impl, n, steps, device, dtype, warmup=1) -> float:
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
     torch.manual_seed(0)
     block = OlmoeSparseMoeBlock(hf_config(p, impl)).to(device=device, dtype=dtype)
     x = torch.randn(1, n, p[0], device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(1, n, p[0], device=device, dtype=dtype)
     times = []
-    for s in range(steps + 1):
+    for s in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
         (block(x) * g).float().sum().backward()
         sync(device)
-        if s > 0:
+        if s >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
