@@ -6,6 +6,11 @@
 #                              (MOE_RESUME=runs/<exp>/<time> continues a run from its latest checkpoint)
 #   bash setup.sh run --program [NB]
 #                              the same run as a compiled program (no Jupyter kernel needed)
+#   bash setup.sh launch --nproc N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT] [NB]
+#                              the program of NB as N processes per node under torchrun (data
+#                              parallel over PyTorch's c10d; docs/distributed.md)
+#   bash setup.sh bench-dist [--nproc 2] [--steps 12]
+#                              data-parallel throughput: N ranks vs one process on this machine
 #   bash setup.sh build [NB] [--skip-tag TAG]
 #                              turn NB's code cells into a Rust program, built in release mode
 #   bash setup.sh gpu-check --prepare | --dry-run | [DIR]
@@ -346,6 +351,36 @@ run_program() {
   exit "$rc"
 }
 
+# launch_program NOTEBOOK NPROC [torchrun options]: build, then run NPROC ranks of the program per
+# node under torchrun (the one that comes with the PyTorch in use) with --no-python. Every rank gets
+# the same MOE_RUN_DIR (on several nodes it must be a shared path); each rank's output is kept in
+# <run>/ranks/, and the terminal shows rank 0's.
+launch_program() {
+  local nb="$1" nproc="$2" bin exp run_dir r py; shift 2
+  bin="$(build_program "$nb")" || exit 1
+  exp="$(basename "$(cd "$(dirname "$nb")" && pwd)")"
+  if [ -z "${MOE_RUN_DIR:-}" ] && [ -n "${MOE_RESUME:-}" ]; then
+    r="$(cd "$MOE_RESUME" && pwd)"
+    if [ -f "$r/state.json" ]; then MOE_RUN_DIR="$(dirname "$(dirname "$r")")"; else MOE_RUN_DIR="$r"; fi
+  fi
+  run_dir="${MOE_RUN_DIR:-$ROOT/runs/$exp/$(date -u +%Y%m%d-%H%M%S)}"
+  mkdir -p "$run_dir/ranks"
+  export MOE_RUN_DIR="$run_dir"
+  cp "$(dirname "$bin")/../../src/$(basename "$bin")/main.rs" "$run_dir/program.rs" 2>/dev/null || true
+  py="${MOE_TORCH_PYTHON:-$VENV/bin/python}"
+  local single=(--standalone)
+  [[ " $* " == *" --nnodes "* ]] && single=()
+  say "launching $nproc rank(s) per node of $(basename "$bin") (the program of $nb; MOE_PRESET=${MOE_PRESET:-default} MOE_STEPS=${MOE_STEPS:-default}); run dir $run_dir"
+  set +e
+  LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$py" -m torch.distributed.run "${single[@]}" \
+    --nproc-per-node "$nproc" "$@" --log-dir "$run_dir/ranks" --tee 3 --local-ranks-filter 0 --no-python "$bin" 2>&1 \
+    | tee -a "$run_dir/program.log"
+  local rc="${PIPESTATUS[0]}"
+  set -e
+  [ "$rc" = 0 ] && say "launch finished; run dir $run_dir" || say "launch FAILED (exit $rc); every rank's output: $run_dir/ranks/"
+  exit "$rc"
+}
+
 # The torch 2.11.0 the GPU check links (the build on the GPU machine this project may be lent):
 # MOE_TORCH_PYTHON's when it has 2.11.0, else target/torch-2.11.0: PyPI's wheel without the ~3 GB
 # of CUDA libraries, only the two that libtorch_cpu.so itself needs (the CUDA runtime and CUPTI, at
@@ -409,6 +444,9 @@ case "$cmd" in
   bench)
     setup
     exec "$VENV/bin/python" helpers/scripts/bench_moe.py "$@" ;;
+  bench-dist)
+    setup
+    exec "$VENV/bin/python" helpers/scripts/bench_dist.py "$@" ;;
   bench-tokenize)
     setup
     exec "$VENV/bin/python" helpers/scripts/bench_tokenize.py "$@" ;;
@@ -421,6 +459,19 @@ case "$cmd" in
     cargo test --quiet --workspace
     say "pytest (notebooks executed in the rust kernel, repository rules)"
     exec "$VENV/bin/python" -m pytest -v tests/ "$@" ;;
+  launch)
+    nb="experiments/base-olmoe/experiment.ipynb"; nproc=""; targs=()
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --nproc) nproc="${2:-}"; shift 2 ;;
+        --nnodes|--node-rank|--rdzv-endpoint|--rdzv-id|--rdzv-backend|--master-addr|--master-port) targs+=("$1" "${2:-}"); shift 2 ;;
+        --*) die "launch: unknown option $1 (use --nproc N, and for several nodes --nnodes --node-rank --rdzv-endpoint)" ;;
+        *) nb="$1"; shift ;;
+      esac
+    done
+    [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die "usage: bash setup.sh launch --nproc N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT] [NOTEBOOK]"
+    program_setup
+    launch_program "$nb" "$nproc" "${targs[@]}" ;;
   build)
     nb="experiments/base-olmoe/experiment.ipynb"
     if [ $# -gt 0 ] && [[ "$1" != --* ]]; then nb="$1"; shift; fi
@@ -476,5 +527,5 @@ case "$cmd" in
     printf 'export VIRTUAL_ENV=%q PATH=%q LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH=%q JUPYTER_PATH=%q\n' \
       "$VIRTUAL_ENV" "$PATH" "$LD_LIBRARY_PATH" "$JUPYTER_PATH" ;;
   *)
-    die "unknown command '$cmd'; use one of: setup, run [--program] [NOTEBOOK], build [NOTEBOOK], gpu-check --prepare|--dry-run, torch-plan, diff EXPERIMENT, generate RUN [PROMPT], wandb-sync RUN, data ..., bench, bench-tokenize [FILE], sweep --grid ..., test, lab, env" ;;
+    die "unknown command '$cmd'; use one of: setup, run [--program] [NOTEBOOK], launch --nproc N [NOTEBOOK], build [NOTEBOOK], gpu-check --prepare|--dry-run, torch-plan, diff EXPERIMENT, generate RUN [PROMPT], wandb-sync RUN, data ..., bench, bench-tokenize [FILE], sweep --grid ..., test, lab, env" ;;
 esac

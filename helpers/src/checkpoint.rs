@@ -40,6 +40,14 @@ pub struct TrainState {
     pub wandb_run_id: Option<String>,
     /// The full config (`{"model": ..., "train": ...}`) the run was started with.
     pub config: serde_json::Value,
+    /// Processes that trained it (data parallel): `data_position` counts each rank's micro-batches,
+    /// so a resume needs the same number. 1 in checkpoints written before launches existed.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The seed of the global RNG for optimizer step `step`: resuming at any step reproduces the
@@ -178,6 +186,17 @@ impl Checkpoint {
         let text = std::fs::read_to_string(&p).with_cause(|| format!("cannot read {}", p.display()))?;
         let state: TrainState = serde_json::from_str(&text).with_cause(|| format!("{} is not a checkpoint state", p.display()))?;
         Ok(Self { dir, state })
+    }
+
+    /// A resume must run as many processes as the run that wrote the checkpoint (each rank's data
+    /// position is counted in its own micro-batches).
+    pub fn check_world_size(&self, world_size: usize) -> Result<()> {
+        anyhow::ensure!(
+            self.state.world_size == world_size,
+            "{} was written by a run of {} process(es); resume it with the same number (bash setup.sh launch --nproc {}), not {world_size}",
+            self.dir.display(), self.state.world_size, self.state.world_size
+        );
+        Ok(())
     }
 
     /// The run directory this checkpoint belongs to (`<run>/checkpoints/step-N` -> `<run>`).

@@ -19,6 +19,8 @@
 //! - [`generate`]: greedy / temperature / top-k / top-p choice of the next token.
 //! - [`interp`]: per-token routing tables, exported as parquet / CSV; routing metrics (usage entropy,
 //!   balance violation, path consistency, stay length, router similarity) and heatmaps.
+//! - [`dist`]: past one process on PyTorch's c10d (Gloo): joining a torchrun launch, all-reduce,
+//!   broadcast, barrier, all-to-all with autograd, sub-groups, data-parallel gradient averaging.
 //! - [`placement`]: expert-to-device maps (contiguous, round-robin, by free memory), validated.
 //! - [`plot`]: `training_curves.png`, shown inline in the notebook.
 //! - [`sweep`]: grids over config fields run headlessly, collected into a table and loss plots.
@@ -35,6 +37,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod generate;
 pub mod hf;
 pub mod interp;

@@ -3,6 +3,11 @@
 //! A run directory holds `config.json` (both config structs), `metrics.jsonl` (one JSON object per
 //! logged step, flushed as it is written so a crash loses nothing already logged) and
 //! `model.safetensors` (written by the notebook's saving cell).
+//!
+//! In a launch of several processes only rank 0 writes: on the other ranks (RANK > 0) a run
+//! directory is read-only, its writes do nothing and its logs discard their rows, so the training
+//! loop is written once for one process and for many. Every rank must name the same directory
+//! (`MOE_RUN_DIR`, which `bash setup.sh launch` sets).
 use crate::WithCause;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -24,6 +29,18 @@ pub fn project_root() -> Result<PathBuf> {
 #[derive(Debug, Clone)]
 pub struct RunDir {
     pub path: PathBuf,
+    /// False on ranks other than 0 of a launch: nothing is written (see the module docs).
+    pub writes: bool,
+}
+
+/// This process's rank in a launch (torchrun's RANK), 0 without one.
+pub fn launch_rank() -> usize {
+    std::env::var("RANK").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// True in a launch of several processes (torchrun's WORLD_SIZE > 1).
+pub fn in_launch() -> bool {
+    std::env::var("WORLD_SIZE").ok().and_then(|s| s.trim().parse::<usize>().ok()).is_some_and(|w| w > 1)
 }
 
 /// The experiment a run belongs to, which names its folder under `runs/`: `$MOE_EXPERIMENT` (a
@@ -58,17 +75,21 @@ impl RunDir {
     pub fn create(experiment: &str) -> Result<Self> {
         let path = match std::env::var("MOE_RUN_DIR") {
             Ok(p) if !p.trim().is_empty() => PathBuf::from(p),
+            _ if in_launch() => anyhow::bail!("a launch of several processes needs MOE_RUN_DIR (one directory for every rank; bash setup.sh launch sets it)"),
             _ => project_root()?.join("runs").join(experiment_name(experiment)).join(utc_timestamp()),
         };
         Self::at(path)
     }
 
-    /// Creates (if needed) and uses `path`.
+    /// Creates (if needed) and uses `path` (read-only on ranks other than 0 of a launch).
     pub fn at(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
-        std::fs::create_dir_all(&path)
-            .with_cause(|| format!("cannot create run directory {}; set MOE_RUN_DIR to a writable place", path.display()))?;
-        Ok(Self { path })
+        let writes = launch_rank() == 0;
+        if writes {
+            std::fs::create_dir_all(&path)
+                .with_cause(|| format!("cannot create run directory {}; set MOE_RUN_DIR to a writable place", path.display()))?;
+        }
+        Ok(Self { path, writes })
     }
 
     /// `<run>/<name>`.
@@ -79,6 +100,9 @@ impl RunDir {
     /// Writes `value` as pretty JSON to `<run>/<name>`, atomically.
     pub fn write_json(&self, name: &str, value: &impl Serialize) -> Result<PathBuf> {
         let p = self.file(name);
+        if !self.writes {
+            return Ok(p);
+        }
         let mut s = serde_json::to_string_pretty(value)?;
         s.push('\n');
         write_atomic(&p, s.as_bytes())?;
@@ -87,7 +111,16 @@ impl RunDir {
 
     /// Opens `<run>/metrics.jsonl` for appending.
     pub fn metrics(&self) -> Result<MetricsLog> {
-        MetricsLog::open(self.file("metrics.jsonl"))
+        self.log("metrics.jsonl")
+    }
+
+    /// Opens `<run>/<name>` (JSONL) for appending; a log that discards its rows where this
+    /// process does not write.
+    pub fn log(&self, name: &str) -> Result<MetricsLog> {
+        if !self.writes {
+            return Ok(MetricsLog { file: None, path: self.file(name) });
+        }
+        MetricsLog::open(self.file(name))
     }
 
     /// Every row of `<run>/metrics.jsonl` (empty if there is none), e.g. for plots and results.
@@ -108,6 +141,9 @@ impl RunDir {
     /// (e.g. `expert_usage.jsonl`).
     pub fn jsonl_resumed(&self, name: &str, step: i64) -> Result<MetricsLog> {
         let path = self.file(name);
+        if !self.writes {
+            return self.log(name);
+        }
         if path.is_file() {
             let text = std::fs::read_to_string(&path).with_cause(|| format!("cannot read {}", path.display()))?;
             let kept: String = text
@@ -127,7 +163,7 @@ impl RunDir {
 
 /// An append-only JSONL file, one object per logged step, flushed on every row.
 pub struct MetricsLog {
-    file: File,
+    file: Option<File>, // None: rows are discarded (a rank other than 0)
     pub path: PathBuf,
 }
 
@@ -139,19 +175,19 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_cause(|| format!("cannot open {} for appending", path.display()))?;
-        Ok(Self { file, path })
+        Ok(Self { file: Some(file), path })
     }
 
     /// Appends one row. `row` must serialise to a JSON object.
     pub fn log(&mut self, row: &impl Serialize) -> Result<()> {
+        let Some(file) = &mut self.file else { return Ok(()) };
         let v = serde_json::to_value(row)?;
         anyhow::ensure!(v.is_object(), "a metrics row must be a JSON object, got {v}");
         let mut line = serde_json::to_string(&v)?;
         line.push('\n');
         // One write call per row, so a crash leaves whole lines only (O_APPEND).
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.flush())
+        file.write_all(line.as_bytes())
+            .and_then(|_| file.flush())
             .with_cause(|| format!("cannot write to {}", self.path.display()))
     }
 }

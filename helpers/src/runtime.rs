@@ -4,8 +4,10 @@
 //! 1. loads `libtorch_cuda.so` into the process (`dlopen`, `RTLD_GLOBAL`): a notebook cell is a
 //!    cdylib linked with `--as-needed`, which drops the CUDA library because no symbol of it is
 //!    referenced, and then `tch::Cuda::is_available()` is false even on a GPU pod;
-//! 2. sets the intra-op thread count (`MOE_THREADS`, default: every core);
-//! 3. picks the device (`MOE_DEVICE` = `auto` | `cpu` | `cuda` | `cuda:N`, default `auto`).
+//! 2. sets the intra-op thread count (`MOE_THREADS`, default: every core, divided among the ranks
+//!    of a launch on this node, LOCAL_WORLD_SIZE);
+//! 3. picks the device (`MOE_DEVICE` = `auto` | `cpu` | `cuda` | `cuda:N`, default `auto`: under a
+//!    launch, each rank's `cuda:LOCAL_RANK`).
 use crate::WithCause;
 use anyhow::{bail, Context, Result};
 use std::ffi::{CStr, CString};
@@ -50,15 +52,25 @@ pub fn init() -> Result<Runtime> {
         Ok(s) => s.trim().parse::<usize>().ok().filter(|&n| n > 0).with_context(|| {
             format!("MOE_THREADS={s:?} is not a positive integer; unset it to use every core")
         })?,
-        Err(_) => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        Err(_) => (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / local_world()).max(1),
     };
     tch::set_num_threads(threads as i32);
     let cuda_devices = tch::Cuda::device_count().max(0) as usize;
-    let device = parse_device(&std::env::var("MOE_DEVICE").unwrap_or_else(|_| "auto".into()), cuda_devices)?;
+    let mut device = parse_device(&std::env::var("MOE_DEVICE").unwrap_or_else(|_| "auto".into()), cuda_devices)?;
+    if let (Device::Cuda(0), Some(local_rank)) = (device, std::env::var("LOCAL_RANK").ok().and_then(|s| s.parse::<usize>().ok())) {
+        if matches!(std::env::var("MOE_DEVICE").as_deref(), Err(_) | Ok("auto") | Ok("cuda")) {
+            device = parse_device(&format!("cuda:{local_rank}"), cuda_devices)?; // one GPU per rank
+        }
+    }
     if device.is_cuda() && cuda_library.is_none() {
         bail!("MOE_DEVICE asks for CUDA but libtorch_cuda.so is not loaded: {}", cuda_note.unwrap_or_default());
     }
     Ok(Runtime { device, threads, cuda_library, cuda_note, cuda_devices })
+}
+
+/// Processes of a launch on this node (torchrun's LOCAL_WORLD_SIZE), 1 without one.
+fn local_world() -> usize {
+    std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|s| s.parse::<usize>().ok()).filter(|&n| n > 0).unwrap_or(1)
 }
 
 /// Parses `auto`, `cpu`, `cuda`, `cuda:N` against the number of visible CUDA devices.

@@ -17,6 +17,7 @@ fn state(step: i64) -> TrainState {
         skipped_steps: 0,
         wandb_run_id: Some("abc123".into()),
         config: serde_json::json!({"model": {"hidden_size": 8}, "train": {"lr": 0.1, "max_steps": 10}}),
+        world_size: 1,
     }
 }
 

@@ -116,6 +116,8 @@ impl Settings {
             Some("disabled") => Mode::Disabled,
             Some(other) => bail!("WANDB_MODE={other:?}: use online, offline or disabled"),
         };
+        // In a launch of several processes only rank 0 logs (one W&B run per training run).
+        let mode = if crate::run::launch_rank() > 0 { Mode::Disabled } else { mode };
         if mode == Mode::Online && key.is_none() {
             bail!("WANDB_MODE=online but no API key: put WANDB_API_KEY in secrets.env (see secrets.env.example), the environment or ~/.netrc");
         }

@@ -1,0 +1,109 @@
+"""Past one process (docs/distributed.md): the base experiment's program launched as 2 ranks on this
+CPU (Gloo over 127.0.0.1) trains exactly as one process with the same global batch; a rank that dies
+ends the other with a clear error, and the run resumes from its last checkpoint exactly."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_program import ROOT, clean_env, rows, setup_sh
+
+EXPERIMENT = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
+SHORT = ("model.num_hidden_layers=2 train.log_every=1 train.eval_every=2 train.eval_batches=2 train.ckpt_every=2 "
+         "train.grad_stats_every=2 train.interp_batches=1 train.sample_tokens=4")
+SETTINGS = dict(MOE_PRESET="cpu", MOE_STEPS="6", MOE_DEVICE="cpu")
+# Everything logged that does not depend on the clock, the process or the number of ranks.
+COMPARED = ("train.loss", "train.base_loss", "train.aux_loss", "train.z_loss", "grad_norm", "grad_norm.experts",
+            "val.loss", "val.accuracy", "tokens", "expert_usage.0.0", "expert_usage.1.5", "lr")
+
+
+def assert_same_training(a: list[dict], b: list[dict], what: str):
+    assert [r["step"] for r in a] == [r["step"] for r in b], what
+    n = 0
+    for ra, rb in zip(a, b):
+        for k in COMPARED:
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), f"{what}: {k} at step {ra['step']}: {rb[k]} vs {ra[k]}"
+                n += 1
+    assert n > 30, n
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The same 6 steps as one process (2 micro-batches per step) and as 2 ranks (1 each)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    out = {}
+    for opt in ("adamw", "muon"):
+        sets = f"{SHORT} train.optimizer={opt}"
+        one = tmp / f"{opt}-one"
+        proc = setup_sh("run", "--program", str(EXPERIMENT), MOE_RUN_DIR=str(one), MOE_THREADS="2",
+                        MOE_SET=f"{sets} train.grad_accum_steps=2", **SETTINGS)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        two = tmp / f"{opt}-two"
+        proc = setup_sh("launch", "--nproc", "2", str(EXPERIMENT), MOE_RUN_DIR=str(two),
+                        MOE_SET=f"{sets} train.grad_accum_steps=1", **SETTINGS)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[opt] = (one, two)
+    return out
+
+
+@pytest.mark.parametrize("opt", ["adamw", "muon"])
+def test_two_ranks_train_as_one_process_with_the_same_batch(launched, opt):
+    one, two = launched[opt]
+    assert_same_training(rows(one), rows(two), f"{opt}: 2 ranks vs 1 process")
+    r2 = rows(two)
+    assert all(r["comm_time"] > 0 for r in r2 if "train.loss" in r), "the launch reports its time in collectives"
+    assert all("comm_time" not in r for r in rows(one)), "one process has no collectives"
+    # Rank 0 alone wrote the run; every rank's output is kept.
+    assert (two / "checkpoints" / "latest").exists() and (two / "hf" / "config.json").exists()
+    logs = sorted(p.parent.name for p in (two / "ranks").rglob("stdout.log"))
+    assert logs == ["0", "1"], logs
+    state = json.loads((two / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert state["world_size"] == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_killed_rank_ends_the_run_and_it_resumes_exactly(launched, tmp_path):
+    proc = setup_sh("build", str(EXPERIMENT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    binary = proc.stdout.strip().splitlines()[-1].split("built ")[1].split(";")[0]
+    torch_lib = Path(subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", "import torch, os; print(os.path.dirname(torch.__file__))"],
+                                    capture_output=True, text=True, check=True).stdout.strip()) / "lib"
+    run = tmp_path / "killed"
+    port = str(free_port())
+    env = clean_env(**SETTINGS, MOE_RUN_DIR=str(run), MOE_SET=f"{SHORT} train.optimizer=adamw train.grad_accum_steps=1",
+                    WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, MOE_DIST_TIMEOUT="60",
+                    LD_LIBRARY_PATH=str(torch_lib), WANDB_MODE="disabled")
+    ranks = [subprocess.Popen([binary], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    # Kill rank 1 once the step-2 checkpoint is written (rank 0 is then inside step 3).
+    deadline = time.time() + 600
+    while not (run / "checkpoints" / "step-00000002" / "state.json").exists():
+        assert time.time() < deadline and ranks[0].poll() is None, "no checkpoint at step 2"
+        time.sleep(0.05)
+    ranks[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    out0, _ = ranks[0].communicate(timeout=120)
+    ranks[1].communicate()
+    print(out0[-3000:])
+    print(f"rank 0 stopped {time.time() - t0:.1f}s after rank 1 was killed")
+    assert ranks[0].returncode != 0, "rank 0 must fail when rank 1 dies"
+    assert "rank 0 of 2: all_reduce failed" in out0 and "Another rank probably stopped" in out0, out0[-2000:]
+    # Resume with 2 ranks: the run continues from step 2 exactly as the uninterrupted launch did.
+    proc = setup_sh("launch", "--nproc", "2", str(EXPERIMENT), MOE_RESUME=str(run), **SETTINGS)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout
+    assert_same_training(rows(launched["adamw"][1]), rows(run), "resumed after a killed rank vs uninterrupted")
+    # Resuming with another number of processes is refused, naming the one to use.
+    proc = setup_sh("run", "--program", str(EXPERIMENT), MOE_RESUME=str(run), MOE_THREADS="2", **SETTINGS)
+    assert proc.returncode != 0 and "resume it with the same number (bash setup.sh launch --nproc 2)" in proc.stdout + proc.stderr
