@@ -327,21 +327,26 @@ build_program() {
   [ "${PIPESTATUS[0]}" = 0 ] || die "building the program of $nb failed (see above)"
 }
 
-# run_program NOTEBOOK: build, then run it as run_notebook.py runs the notebook: MOE_RUN_DIR
-# defaults to runs/<experiment>/<UTC time> (a resumed run's own directory with MOE_RESUME), the
-# program's source is kept there as program.rs and its output as program.log.
-run_program() {
-  local nb="$1" bin exp run_dir r
-  bin="$(build_program "$nb")" || exit 1
+# program_run_dir NOTEBOOK BINARY: exports MOE_RUN_DIR, by default runs/<experiment>/<UTC time> (a
+# resumed run's own directory with MOE_RESUME), creates it and keeps the program's source there.
+program_run_dir() {
+  local nb="$1" bin="$2" exp r
   exp="$(basename "$(cd "$(dirname "$nb")" && pwd)")"
   if [ -z "${MOE_RUN_DIR:-}" ] && [ -n "${MOE_RESUME:-}" ]; then
     r="$(cd "$MOE_RESUME" && pwd)"
     if [ -f "$r/state.json" ]; then MOE_RUN_DIR="$(dirname "$(dirname "$r")")"; else MOE_RUN_DIR="$r"; fi
   fi
-  run_dir="${MOE_RUN_DIR:-$ROOT/runs/$exp/$(date -u +%Y%m%d-%H%M%S)}"
-  mkdir -p "$run_dir"
-  export MOE_RUN_DIR="$run_dir"
-  cp "$(dirname "$bin")/../../src/$(basename "$bin")/main.rs" "$run_dir/program.rs" 2>/dev/null || true
+  export MOE_RUN_DIR="${MOE_RUN_DIR:-$ROOT/runs/$exp/$(date -u +%Y%m%d-%H%M%S)}"
+  mkdir -p "$MOE_RUN_DIR"
+  cp "$(dirname "$bin")/../../src/$(basename "$bin")/main.rs" "$MOE_RUN_DIR/program.rs" 2>/dev/null || true
+}
+
+# run_program NOTEBOOK: build, then run it as run_notebook.py runs the notebook (run directory as
+# program_run_dir makes it), its output kept there as program.log.
+run_program() {
+  local nb="$1" bin run_dir
+  bin="$(build_program "$nb")" || exit 1
+  program_run_dir "$nb" "$bin"; run_dir="$MOE_RUN_DIR"
   say "running $(basename "$bin") (the program of $nb; MOE_PRESET=${MOE_PRESET:-default} MOE_STEPS=${MOE_STEPS:-default}); run dir $run_dir"
   set +e
   LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$bin" 2>&1 | tee -a "$run_dir/program.log"
@@ -356,17 +361,10 @@ run_program() {
 # the same MOE_RUN_DIR (on several nodes it must be a shared path); each rank's output is kept in
 # <run>/ranks/, and the terminal shows rank 0's.
 launch_program() {
-  local nb="$1" nproc="$2" bin exp run_dir r py; shift 2
+  local nb="$1" nproc="$2" bin run_dir py; shift 2
   bin="$(build_program "$nb")" || exit 1
-  exp="$(basename "$(cd "$(dirname "$nb")" && pwd)")"
-  if [ -z "${MOE_RUN_DIR:-}" ] && [ -n "${MOE_RESUME:-}" ]; then
-    r="$(cd "$MOE_RESUME" && pwd)"
-    if [ -f "$r/state.json" ]; then MOE_RUN_DIR="$(dirname "$(dirname "$r")")"; else MOE_RUN_DIR="$r"; fi
-  fi
-  run_dir="${MOE_RUN_DIR:-$ROOT/runs/$exp/$(date -u +%Y%m%d-%H%M%S)}"
+  program_run_dir "$nb" "$bin"; run_dir="$MOE_RUN_DIR"
   mkdir -p "$run_dir/ranks"
-  export MOE_RUN_DIR="$run_dir"
-  cp "$(dirname "$bin")/../../src/$(basename "$bin")/main.rs" "$run_dir/program.rs" 2>/dev/null || true
   py="${MOE_TORCH_PYTHON:-$VENV/bin/python}"
   local single=(--standalone)
   [[ " $* " == *" --nnodes "* ]] && single=()
