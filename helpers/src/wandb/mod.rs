@@ -224,7 +224,10 @@ pub fn start(run_dir: &Path, settings: Settings, config: &serde_json::Value, res
         finish_timeout: settings.finish_timeout, finished: false,
     };
     if settings.mode == Mode::Disabled {
-        println!("wandb: disabled (no WANDB_API_KEY in secrets.env, the environment or ~/.netrc; metrics go to metrics.jsonl only)");
+        match crate::run::launch_rank() {
+            0 => println!("wandb: disabled (no WANDB_API_KEY in secrets.env, the environment or ~/.netrc; metrics go to metrics.jsonl only)"),
+            r => println!("wandb: rank {r} logs nothing (rank 0 logs the run)"),
+        }
         return Ok(run);
     }
     let id = resume_id.map(String::from).or(settings.run_id.clone()).unwrap_or_else(new_run_id);
