@@ -427,7 +427,7 @@ fn a_resumed_run_continues_the_same_history() {
 }
 
 #[test]
-fn settings_read_secrets_env_then_environment_then_netrc() {
+fn settings_read_environment_then_secrets_env_then_netrc() {
     let d = tempfile::tempdir().unwrap();
     std::env::remove_var("WANDB_API_KEY");
     std::env::remove_var("WANDB_MODE");
@@ -444,7 +444,14 @@ fn settings_read_secrets_env_then_environment_then_netrc() {
     assert_eq!(s.app_url, "https://wandb.ai");
     std::fs::write(d.path().join("secrets.env"), "WANDB_MODE=offline\n").unwrap();
     assert_eq!(Settings::from_env(d.path(), "p").unwrap().mode, Mode::Offline);
-    std::fs::write(d.path().join("secrets.env"), "WANDB_MODE=sideways\n").unwrap();
+    std::fs::write(d.path().join("secrets.env"), "WANDB_MODE=sideways\nWANDB_PROJECT=from-file\n").unwrap();
+    // The environment wins over the file (a sweep's WANDB_NAME, a one-off WANDB_MODE).
+    std::env::set_var("WANDB_MODE", "disabled");
+    std::env::set_var("WANDB_PROJECT", "from-env");
+    let s = Settings::from_env(d.path(), "p").unwrap();
+    std::env::remove_var("WANDB_MODE");
+    std::env::remove_var("WANDB_PROJECT");
+    assert_eq!((s.mode, s.project.as_str()), (Mode::Disabled, "from-env"));
     assert!(Settings::from_env(d.path(), "p").unwrap_err().to_string().contains("online, offline or disabled"));
     let disabled = wandb::start(d.path(), Settings { mode: Mode::Disabled, ..settings("http://127.0.0.1:9", Mode::Disabled) }, &config(), None).unwrap();
     assert_eq!(disabled.id(), None);

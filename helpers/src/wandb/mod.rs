@@ -99,12 +99,14 @@ pub fn netrc_password(netrc: &Path, host: &str) -> Option<String> {
 }
 
 impl Settings {
-    /// Reads `<root>/secrets.env` (or the file `MOE_SECRETS` names), then the environment, then
+    /// Reads the environment, then `<root>/secrets.env` (or the file `MOE_SECRETS` names), then
     /// `~/.netrc` (for the key only). `default_project` is used when `WANDB_PROJECT` is unset.
     pub fn from_env(root: &Path, default_project: &str) -> Result<Self> {
         let secrets = std::env::var_os("MOE_SECRETS").map(PathBuf::from).unwrap_or_else(|| root.join("secrets.env"));
         let file = read_env_file(&secrets);
-        let get = |k: &str| file.get(k).cloned().or_else(|| std::env::var(k).ok().filter(|v| !v.trim().is_empty()));
+        // A variable set in the environment wins over the file: a sweep's WANDB_NAME or a one-off
+        // WANDB_MODE=offline must not be overridden by what secrets.env holds.
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty()).or_else(|| file.get(k).cloned());
         let base_url = get("WANDB_BASE_URL").unwrap_or_else(|| "https://api.wandb.ai".into()).trim_end_matches('/').to_string();
         let host = base_url.split("://").nth(1).unwrap_or(&base_url).split(['/', ':']).next().unwrap_or("").to_string();
         let home = std::env::var("HOME").unwrap_or_default();
