@@ -5,6 +5,7 @@
 //! - [`Overrides`]: any config field, `MOE_SET="model.n_layers=4 train.lr=1e-3"`. Values are JSON
 //!   (`4`, `1e-3`, `true`, `"text"`), or a bare word taken as a string. An unknown section or field
 //!   or a value of the wrong type is an error naming it, raised before anything is allocated.
+use crate::WithCause;
 use anyhow::{bail, Context, Result};
 use serde::{de::DeserializeOwned, Serialize};
 use std::str::FromStr;
@@ -38,7 +39,8 @@ impl Overrides {
     /// Reads the variable `var` (missing = no overrides); `sections` are the valid prefixes.
     pub fn from_env(var: &str, sections: &[&str]) -> Result<Self> {
         let s = std::env::var(var).unwrap_or_default();
-        Self::parse(&s, sections).with_context(|| format!("in {var}"))
+        // The cause in the one message: a notebook prints an error with `{}`, which drops context.
+        Self::parse(&s, sections).with_cause(|| format!("in {var}={s:?}"))
     }
 
     pub fn parse(s: &str, sections: &[&str]) -> Result<Self> {
@@ -180,6 +182,13 @@ mod tests {
         assert!(e.to_string().contains("unknown config section \"optim\""), "{e}");
         assert!(Overrides::parse("lr=1", &["train"]).unwrap_err().to_string().contains("section prefix"));
         assert!(Overrides::parse("train.lr", &["train"]).unwrap_err().to_string().contains("section.field=value"));
+    }
+
+    #[test]
+    fn an_error_from_the_variable_keeps_its_cause_on_one_line() {
+        std::env::set_var("HELPERS_TEST_SET", "optim.lr=1");
+        let e = Overrides::from_env("HELPERS_TEST_SET", &["model", "train"]).unwrap_err().to_string(); // `{}`, as a notebook prints
+        assert!(e.starts_with("in HELPERS_TEST_SET=\"optim.lr=1\": unknown config section \"optim\""), "{e}");
     }
 
     #[test]
