@@ -291,6 +291,7 @@ fn online_run_sends_config_history_summary_files_and_complete() {
     let config: Value = serde_json::from_str(r.upserts[0]["config"].as_str().unwrap()).unwrap();
     assert_eq!(config["model"]["value"]["hidden_size"], 64);
     assert_eq!(r.upserts[0]["project"], "test-project");
+    assert!(r.upserts.iter().all(|u| u.get("tags").is_none()), "no tags set: none sent (an empty list would wipe the UI's)");
     let summary = unnan(r.summary.as_ref().unwrap());
     assert_eq!(summary["_step"], 19);
     assert_eq!(summary["best_val"], 1.25);

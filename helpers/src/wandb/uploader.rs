@@ -109,12 +109,16 @@ impl Uploader {
             Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), json!({ "value": v }))).collect(),
             other => [("config".to_string(), json!({ "value": other }))].into_iter().collect(),
         };
-        let vars = json!({
+        let mut vars = json!({
             "name": run.id, "project": run.project, "entity": run.entity, "displayName": run.display_name,
-            "notes": run.notes, "tags": run.tags, "groupName": run.group, "jobType": run.job_type,
+            "notes": run.notes, "groupName": run.group, "jobType": run.job_type,
             "host": run.host, "program": run.program, "commit": run.commit,
             "config": Value::Object(config).to_string(),
         });
+        // Tags only when this run sets some: `tags: []` would wipe the tags set in the UI.
+        if !run.tags.is_empty() {
+            vars["tags"] = json!(run.tags);
+        }
         let data = self.client.upsert_bucket(vars)?;
         let bucket = &data["upsertBucket"]["bucket"];
         let project = bucket["project"]["name"].as_str().unwrap_or(&run.project).to_string();
