@@ -119,7 +119,7 @@ fn run_check(spec: &serde_json::Value, rt: &helpers::runtime::Runtime, train_cfg
                 let t0 = std::time::Instant::now();
                 opt.zero_grad();
                 let out = forward_backward(&model, &x, &y, &c, c.aux_loss_coef, 1.0, false, false);
-                let _ = clip_gradients(&named, &c);
+                let _ = clip_gradients(&named, &c, None)?;
                 opt.step(1.0);
                 check_sync(device);
                 if s > 0 { times.push(t0.elapsed().as_secs_f64()); }

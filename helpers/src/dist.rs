@@ -12,9 +12,13 @@
 //! `anyhow` error, never an abort.
 use anyhow::{bail, ensure, Context, Result};
 use std::cell::Cell;
+use std::rc::Rc;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
+
+pub mod ep;
+pub use ep::ExpertParallel;
 
 extern "C" {
     fn moe_dist_free_string(s: *mut c_char);
@@ -41,7 +45,8 @@ pub struct Group {
     /// The run's rank of this process and world size, for error messages.
     global: (usize, usize),
     timeout: Duration,
-    comm: Cell<f64>,
+    /// Seconds in collectives, shared with the group's sub-groups (one figure for the run).
+    comm: Rc<Cell<f64>>,
 }
 
 impl Drop for Group {
@@ -191,44 +196,30 @@ impl Dist {
     /// about [`BUCKET_BYTES`] flattened into one buffer each. A parameter without a gradient on
     /// this rank gets a zero one first, so every rank sends the same buckets.
     pub fn average_gradients(&self, params: &[(String, Tensor)]) -> Result<()> {
-        let Some(g) = &self.group else { return Ok(()) };
-        let grads: Vec<Tensor> = params
-            .iter()
-            .map(|(_, p)| {
-                if !p.grad().defined() {
-                    (p.sum(p.kind()) * 0.0).backward(); // a zero gradient, so buckets agree across ranks
-                }
-                p.grad()
-            })
-            .collect();
-        tch::no_grad(|| -> Result<()> {
-            // Buckets of one dtype and device, in parameter order (the same on every rank).
-            let mut buckets: Vec<Vec<&Tensor>> = Vec::new();
-            let (mut bytes, mut key) = (0usize, None::<(Kind, Device)>);
-            for t in &grads {
-                let k = (t.kind(), t.device());
-                let b = t.numel() * t.kind().elt_size_in_bytes();
-                if buckets.is_empty() || key != Some(k) || bytes + b > BUCKET_BYTES {
-                    buckets.push(Vec::new());
-                    bytes = 0;
-                    key = Some(k);
-                }
-                buckets.last_mut().unwrap().push(t);
-                bytes += b;
+        match &self.group {
+            Some(g) => reduce_gradients(Some(g), params, g.size as f64),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` on rank 0 first, then on the first rank of each other node, then on the other ranks,
+    /// with a barrier after each turn: work that fills a cache on disk (the data shards) is done once
+    /// per file system, and the later turns find it done instead of racing to write the same files.
+    /// In one process: `f()`.
+    pub fn in_turn<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        if self.group.is_none() {
+            return f();
+        }
+        let turn = if self.rank == 0 { 0 } else if self.local_rank == 0 { 1 } else { 2 };
+        let mut out = None;
+        for t in 0..3 {
+            if t == turn {
+                // An error ends this rank; the others then fail at the barrier, naming it.
+                out = Some(f()?);
             }
-            let flats: Vec<Tensor> = buckets.iter().map(|b| Tensor::cat(&b.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0)).collect();
-            g.all_reduce(&flats, Reduce::Sum)?;
-            for (bucket, flat) in buckets.iter().zip(&flats) {
-                let flat = flat / g.size as f64;
-                let mut offset = 0i64;
-                for t in bucket {
-                    let n = t.numel() as i64;
-                    t.f_view([-1]).context("gradients must be contiguous")?.copy_(&flat.narrow(0, offset, n));
-                    offset += n;
-                }
-            }
-            Ok(())
-        })
+            self.barrier()?;
+        }
+        Ok(out.unwrap())
     }
 
     /// Waits until every rank gets here.
@@ -249,6 +240,52 @@ impl Dist {
     }
 }
 
+/// Sums the gradients of `params` over `group` (none: this rank alone) and divides them by
+/// `divisor`, in place, in buckets of about [`BUCKET_BYTES`] flattened into one buffer each. A
+/// parameter without a gradient on this rank gets a zero one first, so every rank sends the same
+/// buckets.
+pub(crate) fn reduce_gradients(group: Option<&Group>, params: &[(String, Tensor)], divisor: f64) -> Result<()> {
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|(_, p)| {
+            if !p.grad().defined() {
+                (p.sum(p.kind()) * 0.0).backward(); // a zero gradient, so buckets agree across ranks
+            }
+            p.grad()
+        })
+        .collect();
+    tch::no_grad(|| -> Result<()> {
+        // Buckets of one dtype and device, in parameter order (the same on every rank).
+        let mut buckets: Vec<Vec<&Tensor>> = Vec::new();
+        let (mut bytes, mut key) = (0usize, None::<(Kind, Device)>);
+        for t in &grads {
+            let k = (t.kind(), t.device());
+            let b = t.numel() * t.kind().elt_size_in_bytes();
+            if buckets.is_empty() || key != Some(k) || bytes + b > BUCKET_BYTES {
+                buckets.push(Vec::new());
+                bytes = 0;
+                key = Some(k);
+            }
+            buckets.last_mut().unwrap().push(t);
+            bytes += b;
+        }
+        let flats: Vec<Tensor> = buckets.iter().map(|b| Tensor::cat(&b.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0)).collect();
+        if let Some(g) = group {
+            g.all_reduce(&flats, Reduce::Sum)?;
+        }
+        for (bucket, flat) in buckets.iter().zip(&flats) {
+            let flat = flat / divisor;
+            let mut offset = 0i64;
+            for t in bucket {
+                let n = t.numel() as i64;
+                t.f_view([-1]).context("gradients must be contiguous")?.copy_(&flat.narrow(0, offset, n));
+                offset += n;
+            }
+        }
+        Ok(())
+    })
+}
+
 #[derive(Clone, Copy)]
 enum Reduce {
     Sum = 0,
@@ -263,7 +300,7 @@ impl Group {
         check(err).map_err(|e| {
             anyhow::anyhow!("rank {rank} of {size}: joining the run at {host}:{port} failed within {}s: {e}. Are all {size} ranks started, with the same MASTER_ADDR and MASTER_PORT?", timeout.as_secs())
         })?;
-        Ok(Self { ptr, rank, size, global: (rank, size), timeout, comm: Cell::new(0.0) })
+        Ok(Self { ptr, rank, size, global: (rank, size), timeout, comm: Rc::new(Cell::new(0.0)) })
     }
 
     /// The error a failed collective becomes: which rank, which operation, and what to check.
@@ -345,7 +382,7 @@ impl Group {
             size: ranks.len(),
             global: self.global,
             timeout: self.timeout,
-            comm: Cell::new(0.0),
+            comm: self.comm.clone(),
         }))
     }
 }

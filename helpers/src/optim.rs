@@ -329,24 +329,38 @@ pub fn grad_norm_metrics(grads: &[(String, Tensor)], group: impl Fn(&str) -> &'s
 /// Scales the gradients of `params` so their global L2 norm is at most `max` (0 = no clipping);
 /// returns the norm before clipping as a 0-dim fp32 tensor on the parameters' device. No host sync.
 pub fn clip_grad_norm(params: &[Tensor], max: f64) -> Tensor {
+    let total = grad_norm(params);
+    clip_grads_to(params, &total, max);
+    total
+}
+
+/// The L2 norm of the gradients of `params` (0 when none has one), gathered on the first
+/// parameter's device (experts may live on other devices). No host sync.
+pub fn grad_norm(params: &[Tensor]) -> Tensor {
     tch::no_grad(|| {
-        // Norms gathered on the first parameter's device: experts may live on other devices.
         let dev = params.first().map(|p| p.device()).unwrap_or(tch::Device::Cpu);
         let norms: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).map(|g| g.to_kind(Kind::Float).norm().to_device(dev)).collect();
         if norms.is_empty() {
             return Tensor::from(0f32);
         }
-        let total = Tensor::stack(&norms, 0).norm(); // ()
-        if max > 0.0 {
-            let scale = (max / (&total + 1e-6)).clamp_max(1.0);
-            for p in params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.g_mul_(&scale.to_kind(g.kind()).to_device(g.device()));
-                }
+        Tensor::stack(&norms, 0).norm() // ()
+    })
+}
+
+/// Scales the gradients of `params` by min(1, max / (total + 1e-6)), `total` being their norm
+/// (from [`grad_norm`], or over more than this process holds); `max` <= 0: no clipping.
+pub fn clip_grads_to(params: &[Tensor], total: &Tensor, max: f64) {
+    if max <= 0.0 {
+        return;
+    }
+    tch::no_grad(|| {
+        let scale = (max / (total + 1e-6)).clamp_max(1.0);
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.g_mul_(&scale.to_kind(g.kind()).to_device(g.device()));
             }
         }
-        total
     })
 }
 

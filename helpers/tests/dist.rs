@@ -191,3 +191,65 @@ fn one_process_needs_no_group() {
     assert_eq!(values(&t), vec![1.0, 2.0]);
     assert!(d.subgroup(&[0]).unwrap().is_none());
 }
+
+#[test]
+fn expert_parallel_sends_rows_to_their_experts_and_back() {
+    let outs = run_ranks("rank_expert_parallel", &[], Duration::from_secs(120));
+    for (r, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "rank {r} failed:\n{}", text(o));
+        assert!(text(o).contains(&format!("rank {r}: expert parallel checked")), "rank {r}:\n{}", text(o));
+    }
+}
+
+#[test]
+#[ignore = "one rank of expert_parallel_sends_rows_to_their_experts_and_back, started by it"]
+fn rank_expert_parallel() {
+    use helpers::dist::ExpertParallel;
+    assert!(is_rank());
+    let d = Dist::from_env().unwrap();
+    assert!(ExpertParallel::new(&d, 3, 6).is_err(), "3 does not divide 2 ranks");
+    assert!(ExpertParallel::new(&d, 2, 5).is_err(), "2 does not divide 5 experts");
+    let ep = ExpertParallel::new(&d, 2, 4).unwrap().unwrap();
+    assert_eq!(ep.ids, if d.rank == 0 { vec![0, 1] } else { vec![2, 3] });
+    println!("{ep}");
+    // Rows sorted by expert (E = 4): rank 0 sends 1, 0, 2, 1 rows to experts 0..3, rank 1 sends 0, 3, 0, 1.
+    let counts: Vec<i64> = if d.rank == 0 { vec![1, 0, 2, 1] } else { vec![0, 3, 0, 1] };
+    let expert: Vec<f64> = counts.iter().enumerate().flat_map(|(e, &c)| std::iter::repeat(e as f64).take(c as usize)).collect();
+    let m = expert.len() as i64;
+    // Each row: (100 * rank + its index, the expert it is for).
+    let rows = Tensor::stack(&[Tensor::arange(m, (Kind::Double, tch::Device::Cpu)) + 100.0 * d.rank as f64, Tensor::from_slice(&expert)], 1).set_requires_grad(true);
+    let mut seen = (Vec::new(), Vec::new());
+    let out = ep
+        .exchange(&rows, &Tensor::from_slice(&counts).to_kind(Kind::Float), |got, sizes| {
+            seen = (values(got), sizes.to_vec());
+            // "Expert" e multiplies the row by e + 1 (column 1 holds e).
+            got * (got.narrow(1, 1, 1).detach() + 1.0)
+        })
+        .unwrap();
+    let (got, sizes) = seen;
+    // Rank 0 holds experts 0 and 1: expert 0 gets rank 0's row 0; expert 1 gets rank 1's rows 0-2.
+    // Rank 1 holds 2 and 3: expert 2 gets rank 0's rows 1-2; expert 3 rank 0's row 3, then rank 1's row 3.
+    let (want_rows, want_sizes): (Vec<f64>, Vec<i64>) = if d.rank == 0 {
+        (vec![0.0, 0.0, 100.0, 1.0, 101.0, 1.0, 102.0, 1.0], vec![1, 3])
+    } else {
+        (vec![1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 103.0, 3.0], vec![2, 2])
+    };
+    assert_eq!((got, sizes), (want_rows, want_sizes));
+    // Back in this rank's order, each row times (its expert + 1).
+    let want = &rows.detach() * (Tensor::from_slice(&expert).unsqueeze(1) + 1.0);
+    assert_eq!(values(&out), values(&want));
+    // Backward: d(sum out)/d rows = expert + 1 in column 0 (column 1 too: it is multiplied as well).
+    out.sum(Kind::Double).backward();
+    let g = rows.grad();
+    assert_eq!(values(&g.narrow(1, 0, 1)), expert.iter().map(|e| e + 1.0).collect::<Vec<_>>());
+    // The whole stack from the shards, and a norm over them.
+    let shard = Tensor::from_slice(&ep.ids).to_kind(Kind::Float).unsqueeze(1) * 10.0; // rows 10 * id
+    assert_eq!(values(&ep.gather_rows(&shard).unwrap()), vec![0.0, 10.0, 20.0, 30.0]);
+    let named = vec![(format!("m.experts[{}].w", ep.ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")), shard.shallow_clone()), ("other".to_string(), Tensor::from(1.0f32))];
+    let whole = ep.gather_shards(named).unwrap();
+    let names: Vec<&str> = whole.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["other", "m.experts.w"]);
+    let norm = ep.norm_over_shards(&Tensor::from(if d.rank == 0 { 3.0f32 } else { 4.0 })).unwrap();
+    assert!((norm.double_value(&[]) - 5.0).abs() < 1e-6);
+    println!("rank {}: expert parallel checked", d.rank);
+}
