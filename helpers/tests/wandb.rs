@@ -40,6 +40,8 @@ struct State {
     /// file_stream requests answered with a fault until this time (an outage).
     down_until: Option<Instant>,
     hang: bool,
+    /// Answers of the storage to uploads of a file, in order (then 200).
+    upload_faults: HashMap<String, Vec<u16>>,
     requests: usize,
     bodies: Vec<String>,
 }
@@ -124,6 +126,9 @@ fn handle(st: &Mutex<State>, base: &str, method: &str, path: &str, headers: &Has
             s.violations.push(format!("credentials sent to the upload URL {path}"));
         }
         let (run, name) = path["/upload/".len()..].split_once('/').unwrap();
+        if let Some(status) = s.upload_faults.get_mut(name).and_then(|f| (!f.is_empty()).then(|| f.remove(0))) {
+            return (status, String::new(), "<Error>refused</Error>".into());
+        }
         s.runs.entry(run.to_string()).or_default().files.insert(name.to_string(), body.to_vec());
         return (200, String::new(), String::new());
     }
@@ -425,6 +430,55 @@ fn a_resumed_run_continues_the_same_history() {
     assert_eq!(steps_of(&r), (0..16).collect::<Vec<_>>());
     assert_eq!(r.upserts.len(), 2, "the resumed process upserts the same run");
     assert_eq!(r.complete, Some(0));
+}
+
+#[test]
+fn a_new_run_with_an_existing_id_continues_after_its_lines() {
+    let fake = Fake::start();
+    let with_id = || {
+        let mut s = settings(&fake.url, Mode::Online);
+        s.run_id = Some("reused01".into());
+        s
+    };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut run = wandb::start(d1.path(), with_id(), &config(), None).unwrap();
+    log_rows(&mut run, 0..3);
+    assert!(run.finish(0).unwrap().complete);
+    let first = fake.run("reused01").history;
+    // Another process, not a resume, with the same WANDB_RUN_ID.
+    let mut run = wandb::start(d2.path(), with_id(), &config(), None).unwrap();
+    log_rows(&mut run, 0..2);
+    assert!(run.finish(0).unwrap().complete);
+    assert_eq!(fake.violations(), Vec::<String>::new(), "its history starts at the server's line count");
+    let r = fake.run("reused01");
+    assert_eq!(r.history.len(), 5);
+    assert_eq!(r.history[..3], first[..], "the first run's lines are kept");
+}
+
+#[test]
+fn storage_refusals_skip_the_file_and_never_stop_the_metrics() {
+    let fake = Fake::start();
+    // The storage refuses one file for good (403) and another twice for a while (408, then 503).
+    fake.state.lock().unwrap().upload_faults = [("refused.png".to_string(), vec![403]), ("slow.png".to_string(), vec![408, 503])].into_iter().collect();
+    let d = tempfile::tempdir().unwrap();
+    let mut run = wandb::start(d.path(), settings(&fake.url, Mode::Online), &config(), None).unwrap();
+    let id = run.id().unwrap().to_string();
+    for name in ["refused.png", "slow.png"] {
+        let p = d.path().join(name);
+        std::fs::write(&p, name.as_bytes()).unwrap();
+        run.save_file(&p).unwrap();
+    }
+    log_rows(&mut run, 0..10);
+    let report = run.finish(0).unwrap();
+    assert!(report.complete && report.rows_sent == 10, "{report:?}");
+    assert_eq!(fake.violations(), Vec::<String>::new());
+    let r = fake.run(&id);
+    assert_eq!(steps_of(&r), (0..10).collect::<Vec<_>>(), "every row arrived");
+    let mut uploaded = r.uploaded.clone();
+    uploaded.sort();
+    assert_eq!(uploaded, vec!["config.yaml", "slow.png"], "the refused file is skipped, the slow one retried");
+    assert_eq!(r.files["slow.png"], b"slow.png");
+    assert!(fake.state.lock().unwrap().upload_faults.values().all(|f| f.is_empty()));
 }
 
 #[test]

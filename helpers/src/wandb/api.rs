@@ -114,7 +114,11 @@ impl Client {
             return Ok(());
         }
         let retry_after = retry_after(&resp);
-        Err(classify(status, retry_after, "the file upload URL", &resp.text().unwrap_or_default()))
+        match status {
+            // The storage's own refusal (an expired or bad pre-signed URL), not W&B's of the API key.
+            401 | 403 => Err(Failure::Fatal { status, what: format!("the storage refused the upload URL W&B gave (HTTP {status})") }),
+            _ => Err(classify(status, retry_after, "the file upload URL", &resp.text().unwrap_or_default())),
+        }
     }
 }
 
@@ -138,7 +142,8 @@ fn without_url(e: &reqwest::Error) -> String {
 fn classify(status: u16, retry_after: Option<Duration>, what: &str, body: &str) -> Failure {
     let body: String = body.chars().take(200).collect();
     match status {
-        429 | 500..=599 if status != 501 => Failure::Transient { what: format!("{what} answered HTTP {status}"), retry_after },
+        // Worth retrying, as the official client does: timeout, conflict, rate limit, server errors.
+        408 | 409 | 429 | 500..=599 if status != 501 => Failure::Transient { what: format!("{what} answered HTTP {status}"), retry_after },
         401 | 403 => Failure::Fatal { status, what: format!("W&B refused the API key (HTTP {status} from {what}); check WANDB_API_KEY in secrets.env, the environment or ~/.netrc") },
         _ => Failure::Fatal { status, what: format!("{what} answered HTTP {status}: {body}") },
     }

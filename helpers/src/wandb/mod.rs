@@ -187,6 +187,7 @@ struct Status {
     complete: bool,
     stopped: bool,
     last_error: Option<String>,
+    skipped_files: Vec<String>,
 }
 
 /// What `finish` reports.
@@ -302,8 +303,12 @@ fn upload_loop(mut up: Uploader, rx: mpsc::Receiver<()>, status: Arc<Mutex<Statu
     loop {
         match rx.recv_timeout(wait) {
             Ok(()) => finishing = true,
-            // The Run was dropped without finish: send what is spooled, then stop (the spool keeps it all).
-            Err(mpsc::RecvTimeoutError::Disconnected) => abandoned = true,
+            // `finish` sends, then drops its end (a file may still wait for a retry: go on); a Run
+            // dropped without finish only drops it: send what is spooled, then stop (the spool keeps it all).
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                abandoned |= !finishing;
+                std::thread::sleep(wait);
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
         let result = up.tick();
@@ -315,6 +320,7 @@ fn upload_loop(mut up: Uploader, rx: mpsc::Receiver<()>, status: Arc<Mutex<Statu
             st.lines_done = up.lines_done;
             st.complete = up.complete_sent;
             st.stopped = up.stopped;
+            st.skipped_files = up.skipped_files.clone();
             match &result {
                 Ok(_) => st.last_error = None,
                 Err(Failure::Transient { what, .. }) => st.last_error = Some(what.clone()),
@@ -429,6 +435,9 @@ impl Run {
         }
         let st = self.status.lock().unwrap().clone();
         let report = FinishReport { rows, rows_sent: st.lines_done.min(rows), rows_only_local: rows - st.lines_done.min(rows), complete: st.complete };
+        for f in &st.skipped_files {
+            println!("wandb: file not uploaded: {f}; it stays in {}", self.run_dir.display());
+        }
         if report.complete {
             // `sync` has nothing left to do for this spool.
             let _ = crate::run::write_atomic(&wandb_dir(&self.run_dir).join("synced"), std::fs::metadata(&spool).map(|m| m.len()).unwrap_or(0).to_string().as_bytes());

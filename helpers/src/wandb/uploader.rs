@@ -50,7 +50,14 @@ pub struct Uploader {
     pub lines_done: usize,
     last_post: Instant,
     heartbeat: Duration,
+    /// Files the storage refused (name: why); they never hold up the metrics.
+    pub skipped_files: Vec<String>,
+    file_failures: u32,
+    file_retry_at: Option<Instant>,
 }
+
+/// Tries of one file upload that fails transiently before it is skipped.
+const FILE_TRIES: u32 = 6;
 
 impl Uploader {
     pub fn new(client: Client, spool: PathBuf, files_dir: PathBuf, check_server: bool, heartbeat: Duration) -> Self {
@@ -59,6 +66,7 @@ impl Uploader {
             offset: 0, server_last_step: -1, pending: VecDeque::new(), inflight: None, summary: BTreeMap::new(),
             summary_dirty: false, files: VecDeque::new(), uploaded: Vec::new(), finish: None, complete_sent: false,
             fatal: None, stopped: false, lines_seen: 0, lines_done: 0, last_post: Instant::now(), heartbeat,
+            skipped_files: Vec::new(), file_failures: 0, file_retry_at: None,
         }
     }
 
@@ -121,6 +129,12 @@ impl Uploader {
         }
         let data = self.client.upsert_bucket(vars)?;
         let bucket = &data["upsertBucket"]["bucket"];
+        // A new run whose id already exists (WANDB_RUN_ID reused without resuming): its history
+        // continues after the lines the server has, as the official client's does, rather than
+        // overwriting them from offset 0.
+        if self.created.is_none() && !self.check_server {
+            self.offset = bucket["historyLineCount"].as_i64().unwrap_or(0);
+        }
         let project = bucket["project"]["name"].as_str().unwrap_or(&run.project).to_string();
         let entity = bucket["project"]["entity"]["name"].as_str().map(String::from).or(run.entity.clone());
         let Some(entity) = entity else {
@@ -138,8 +152,15 @@ impl Uploader {
         Ok(())
     }
 
+    /// Uploads the files queued so far. W&B's own API failing is the run's failure (a bad key, an
+    /// outage); the storage refusing a file is not: a transient refusal (408, 409, 429, 5xx, no
+    /// answer) is retried later with a backoff, up to FILE_TRIES times, any other skips that file.
+    /// Either way the metrics go on.
     fn upload_files(&mut self) -> Result<(), Failure> {
         let Some((entity, project)) = self.created.clone() else { return Ok(()) };
+        if self.file_retry_at.is_some_and(|t| Instant::now() < t) {
+            return Ok(());
+        }
         let run = self.run.as_ref().unwrap().id.clone();
         while let Some(name) = self.files.front().cloned() {
             let data = self.client.create_run_files(&entity, &project, &run, std::slice::from_ref(&name))?;
@@ -150,9 +171,24 @@ impl Uploader {
                 return Err(Failure::Fatal { status: 200, what: format!("W&B gave no upload URL for {name}") });
             };
             let bytes = std::fs::read(self.files_dir.join(&name)).unwrap_or_default();
-            self.client.upload(&url, &headers, bytes)?;
-            self.files.pop_front();
-            self.uploaded.push(name);
+            match self.client.upload(&url, &headers, bytes) {
+                Ok(()) => {
+                    self.files.pop_front();
+                    self.uploaded.push(name);
+                    self.file_failures = 0;
+                }
+                Err(Failure::Transient { retry_after, .. }) if self.file_failures + 1 < FILE_TRIES => {
+                    self.file_failures += 1;
+                    let backoff = Duration::from_millis(250u64 << self.file_failures.min(6));
+                    self.file_retry_at = Some(Instant::now() + retry_after.unwrap_or(backoff));
+                    return Ok(());
+                }
+                Err(f) => {
+                    self.files.pop_front();
+                    self.skipped_files.push(format!("{name} ({})", f));
+                    self.file_failures = 0;
+                }
+            }
         }
         Ok(())
     }
