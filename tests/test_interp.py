@@ -19,8 +19,8 @@ def test_copied_cells_are_the_base_experiments_verbatim():
     base = {c.source for c in nbformat.read(BASE, as_version=4).cells if c.cell_type == "code"}
     cells = nbformat.read(NB, as_version=4).cells
     tagged = [c for c in cells if "from-base-olmoe" in c.metadata.get("tags", [])]
-    # deps, the three config-type cells, the eight Model cells, routing probes, data
-    assert len(tagged) == 14, len(tagged)
+    # deps, the three config-type cells, the ten Model cells, routing probes, data
+    assert len(tagged) == 16, len(tagged)
     for c in tagged:
         assert c.source in base, f"cell starting {c.source[:60]!r} differs from experiment.ipynb's; copy it again"
     sys.path.insert(0, str(ROOT / "helpers" / "scripts"))
