@@ -1,6 +1,8 @@
 """The pod's device and precision (issue: fast MoE and multi-GPU expert placement): the base
-notebook trained on DEVICE in bf16-mixed against the same run on CPU in fp32, expert placement that
-mixes DEVICE with the CPU against the unplaced run, and the measured memory in the logs.
+experiment trained on DEVICE in bf16-mixed against the same run on CPU in fp32, expert placement that
+mixes DEVICE with the CPU against the unplaced run, and the measured memory in the logs. The runs use
+the experiment's program (the notebook's own cells in one file; tests/test_program.py checks it trains
+exactly as the notebook), which starts in seconds where the kernel compiles every cell.
 
 DEVICE is cuda when torch sees a GPU: then these are the GPU checks the issue asks for (CUDA bf16
 against CPU fp32 within bf16 tolerance, a cuda:0 + cpu expert map, CUDA memory logged). Without a
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_notebooks import ROOT, run_notebook
+from test_program import ROOT, setup_sh
 
 EXPERIMENT = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,7 +42,8 @@ def runs(tmp_path_factory):
     }
     out = {}
     for name, (device, overrides) in settings.items():
-        proc = run_notebook(EXPERIMENT, base / name, MOE_DEVICE=device, MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=overrides)
+        proc = setup_sh("run", "--program", str(EXPERIMENT), MOE_RUN_DIR=str(base / name), MOE_DEVICE=device,
+                        MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=overrides)
         assert proc.returncode == 0, f"{name}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
         out[name] = rows(base / name)
     return out
