@@ -13,6 +13,7 @@ import pytest
 
 from fake_hub import FakeHub
 from test_notebooks import ROOT, run_notebook
+from test_program import setup_sh
 
 REPO = "test-org/tiny-web"
 
@@ -83,11 +84,11 @@ def test_notebooks_download_process_then_train(hub, tmp_path):
     assert headers[0]["tokens"] >= 20000
     assert "tokens/s" in proc.stdout and "MB of text/s" in proc.stdout
 
-    # The experiment trains on those shards.
-    train = run_notebook(ROOT / "experiments" / "base-olmoe" / "experiment.ipynb", tmp_path / "run-train",
-                         MOE_PRESET="cpu", MOE_STEPS="3",
-                         MOE_SET=f"train.data={out} model.num_hidden_layers=1 train.log_every=1 train.eval_every=3 train.sample_tokens=2")
-    assert train.returncode == 0, train.stderr[-3000:]
+    # The experiment trains on those shards (as its program: the notebook's own cells, started in seconds).
+    train = setup_sh("run", "--program", str(ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"),
+                     MOE_RUN_DIR=str(tmp_path / "run-train"), MOE_PRESET="cpu", MOE_STEPS="3", MOE_DEVICE="cpu",
+                     MOE_SET=f"train.data={out} model.num_hidden_layers=1 train.log_every=1 train.eval_every=3 train.sample_tokens=2")
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert f"data: {out} (2 shard(s)" in train.stdout
     rows = [json.loads(l) for l in (tmp_path / "run-train" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and "val.loss" in rows[-1]
