@@ -30,9 +30,10 @@
 #                              tokenization throughput: this build vs the Python tokenizers binding
 #   bash setup.sh bench [--presets cpu,cpu-e64] [--repeats 5]
 #                              speed: the notebook's model vs transformers (step, MoE layer, MFU)
-#   bash setup.sh sweep --grid model.num_hidden_layers=2,4 [--grid ...] [--preset cpu] [--steps N]
-#                              one headless run per grid point (W&B: one group), then a table and
-#                              loss plots in runs/sweeps/<group>/ (`bash setup.sh sweep --help`)
+#   bash setup.sh sweep --grid model.num_hidden_layers=2,4 [--grid ...] [--preset cpu] [--steps N] [--program]
+#                              one headless run per grid point (W&B: one group; --program: each point
+#                              the notebook's program), then a table and loss plots in
+#                              runs/sweeps/<group>/ (`bash setup.sh sweep --help`)
 #   bash setup.sh test         set up, then run the whole test suite (what CI runs)
 #   bash setup.sh lab          set up, then start JupyterLab with the Rust kernel
 #   bash setup.sh env          print the environment exports, for `eval "$(bash setup.sh env)"`
@@ -338,7 +339,7 @@ program_run_dir() {
   fi
   export MOE_RUN_DIR="${MOE_RUN_DIR:-$ROOT/runs/$exp/$(date -u +%Y%m%d-%H%M%S)}"
   mkdir -p "$MOE_RUN_DIR"
-  cp "$(dirname "$bin")/../../src/$(basename "$bin")/main.rs" "$MOE_RUN_DIR/program.rs" 2>/dev/null || true
+  cp "$(dirname "$bin")/../src/$(basename "$bin")/main.rs" "$MOE_RUN_DIR/program.rs" 2>/dev/null || true
 }
 
 # run_program NOTEBOOK: build, then run it as run_notebook.py runs the notebook (run directory as

@@ -10,3 +10,16 @@ os.environ["MOE_SECRETS"] = os.devnull
 for var in [v for v in os.environ if v.startswith("WANDB_")]:
     del os.environ[var]
 os.environ["WANDB_MODE"] = "disabled"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def brief_base_run(tmp_path_factory):
+    """The base notebook's short CPU run in the kernel (test_notebooks.BRIEF), shared by
+    test_notebooks.py, which checks it, and test_program.py, which runs the program with the same
+    settings and compares them: one kernel execution for both."""
+    from test_notebooks import BRIEF, ROOT, run_notebook
+    run_dir = tmp_path_factory.mktemp("brief-base") / "run"
+    return run_dir, run_notebook(ROOT / "experiments" / "base-olmoe" / "experiment.ipynb", run_dir, **BRIEF)

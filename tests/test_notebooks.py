@@ -1,5 +1,8 @@
 """Notebooks executed headlessly in the real Rust (evcxr) kernel, through the same runner as
-`bash setup.sh run`. Every notebook under experiments/ gets a very short CPU run."""
+`bash setup.sh run`. Every notebook under experiments/ gets a very short CPU run. Checks that only
+need the experiment's code (a second start from the exported weights, options, bad overrides) run
+its program, the same cells compiled once (tests/test_program.py checks it trains exactly as the
+notebook): a kernel execution spends minutes compiling cells, a program starts in seconds."""
 import importlib.util
 import json
 import math
@@ -30,6 +33,17 @@ def run_notebook(nb: Path, run_dir: Path, **env) -> subprocess.CompletedProcess:
     return proc
 
 
+def run_program(nb: Path, run_dir: Path, **env) -> subprocess.CompletedProcess:
+    """`bash setup.sh run --program nb` with the environment run_notebook gives the notebook."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_") or k == "MOE_SECRETS"}
+    full_env.update({"MOE_RUN_DIR": str(run_dir), "MOE_DEVICE": "cpu", **env})
+    proc = subprocess.run(["bash", str(ROOT / "setup.sh"), "run", "--program", str(nb)],
+                          cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=3600)
+    print(proc.stdout[-6000:])
+    print(proc.stderr[-6000:], file=sys.stderr)
+    return proc
+
+
 def safetensors_names(path: Path) -> set[str]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -37,11 +51,17 @@ def safetensors_names(path: Path) -> set[str]:
     return {k for k in header if k != "__metadata__"}
 
 
+BRIEF = dict(MOE_PRESET="cpu", MOE_STEPS="20", MOE_SET="train.log_every=5 train.eval_every=10 train.grad_stats_every=10 train.sample_tokens=8",
+             MOE_THREADS="2")
+
+
 @pytest.mark.parametrize("nb", EXPERIMENTS, ids=[p.parent.name for p in EXPERIMENTS])
-def test_experiment_trains_briefly_on_cpu(nb, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_notebook(nb, run_dir, MOE_PRESET="cpu", MOE_STEPS="20",
-                        MOE_SET="train.log_every=5 train.eval_every=10 train.sample_tokens=8")
+def test_experiment_trains_briefly_on_cpu(nb, tmp_path, request):
+    if nb.parent.name == "base-olmoe":
+        run_dir, proc = request.getfixturevalue("brief_base_run")
+    else:
+        run_dir = tmp_path / "run"
+        proc = run_notebook(nb, run_dir, **BRIEF)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "libtorch_cuda loaded: true" in proc.stdout or not (TORCH_LIB / "libtorch_cuda.so").exists()
     # Progress: one line per logged step with loss and tokens/s.
@@ -71,8 +91,9 @@ def test_experiment_trains_briefly_on_cpu(nb, tmp_path):
     assert hf.config.num_experts == cfg["model"]["num_experts"] and hf.config.eos_token_id == 50279
     assert AutoTokenizer.from_pretrained(run_dir / "hf")("Hello world")["input_ids"] == [12092, 1533]
 
-    # ... and the notebook starts from it again: validation at step 0 is the first run's final one.
-    again = run_notebook(nb, tmp_path / "again", MOE_PRESET="cpu", MOE_STEPS="1", MOE_INIT_FROM=str(run_dir / "hf"),
+    # ... and the experiment starts from it again (its program: the same cells): validation at step 0
+    # is the first run's final one.
+    again = run_program(nb, tmp_path / "again", MOE_PRESET="cpu", MOE_STEPS="1", MOE_INIT_FROM=str(run_dir / "hf"),
                          MOE_SET="train.eval_every=1 train.sample_tokens=2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "loaded " in again.stdout
@@ -149,13 +170,13 @@ def test_cross_layer_notebook_differs_from_the_base_only_where_the_method_does()
 
 
 def test_shared_experts_dense_layers_and_lflb_train_and_save(tmp_path):
-    """interpretable-moes' options in one short run (and the multi-device expert path with a map of CPU
-    devices): the smoke test checks the parameter count against the
+    """interpretable-moes' options in one short run of the experiment's program (and the multi-device
+    expert path with a map of CPU devices): the smoke test checks the parameter count against the
     formula; the LFLB bias moves and is saved with the weights; export refuses what OLMoE lacks."""
     from safetensors.torch import load_file
     nb = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
     run_dir = tmp_path / "run"
-    proc = run_notebook(nb, run_dir, MOE_PRESET="cpu", MOE_STEPS="3", MOE_SET=(
+    proc = run_program(nb, run_dir, MOE_PRESET="cpu", MOE_STEPS="3", MOE_SET=(
         "model.n_shared_experts=1 model.n_dense_layers=1 model.dense_intermediate_size=96 model.lflb=true "
         "model.norm_topk_prob=true train.expert_placement=round-robin:cpu train.eval_every=3 train.sample_tokens=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -180,13 +201,17 @@ def test_shared_experts_dense_layers_and_lflb_train_and_save(tmp_path):
     ({"MOE_INIT_FROM": "no/such/dir"}, "neither an existing directory nor a hub id"),
 ])
 def test_bad_overrides_fail_the_config_cell_with_a_clear_message(env, message, tmp_path):
+    """The first case in the kernel (the runner names the failing cell), the others in the program,
+    which ends with the same message before anything is allocated."""
     nb = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
-    proc = run_notebook(nb, tmp_path / "run", **env)
+    in_kernel = env == {"MOE_PRESET": "huge"}
+    proc = (run_notebook if in_kernel else run_program)(nb, tmp_path / "run", **env)
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert message in out
-    # Code cells: 1 dependencies, 2-4 the config types (model shape, run settings, presets and checks).
-    assert "cell 5 failed" in out, "the run's settings cell (cell 5, after the config types) must be the one that fails"
+    if in_kernel:
+        # Code cells: 1 dependencies, 2-4 the config types (model shape, run settings, presets and checks).
+        assert "cell 5 failed" in out, "the run's settings cell (cell 5, after the config types) must be the one that fails"
     assert "model built" not in out, "nothing may be allocated after a bad config"
 
 

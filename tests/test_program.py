@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from test_notebooks import ROOT, run_notebook
+from test_notebooks import BRIEF, ROOT
 
 EXPERIMENT = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
-SHORT = ("model.num_hidden_layers=2 train.log_every=1 train.eval_every=3 train.eval_batches=2 train.ckpt_every=3 "
-         "train.grad_stats_every=3 train.interp_batches=1 train.sample_tokens=4")
-STEPS = "6"
 
 
 def clean_env(**extra) -> dict:
@@ -36,10 +33,11 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_program_trains_exactly_as_the_notebook(tmp_path):
-    settings = dict(MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=SHORT, MOE_DEVICE="cpu", MOE_THREADS="2")
-    nb_run = tmp_path / "notebook"
-    proc = run_notebook(EXPERIMENT, nb_run, **settings)
+def test_the_program_trains_exactly_as_the_notebook(tmp_path, brief_base_run):
+    """The base notebook's short run in the kernel (shared with tests/test_notebooks.py) and its
+    program with the same settings."""
+    settings = dict(BRIEF, MOE_DEVICE="cpu")
+    nb_run, proc = brief_base_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     prog_run = tmp_path / "program"
     proc = setup_sh("run", "--program", str(EXPERIMENT), MOE_RUN_DIR=str(prog_run), **settings)
@@ -49,7 +47,7 @@ def test_the_program_trains_exactly_as_the_notebook(tmp_path):
               "summary.json", "hf/config.json", "routing/routing.parquet", "checkpoints/latest", "expert_usage.jsonl"):
         assert (prog_run / f).exists(), f"the program did not write {f}"
     assert (prog_run / "program.rs").read_text().startswith("//! Generated from"), "the run keeps the program's source"
-    assert "step     6 |" in (prog_run / "program.log").read_text(), "the run keeps the program's output"
+    assert "step    20 |" in (prog_run / "program.log").read_text(), "the run keeps the program's output"
     assert json.loads((prog_run / "config.json").read_text()) == json.loads((nb_run / "config.json").read_text())
     # Same numbers, step by step, as the notebook in the kernel (same libtorch, same code): every
     # logged value but the clocks (times, tokens/s, MFU) and the process's memory, to the bit.
@@ -65,7 +63,7 @@ def test_the_program_trains_exactly_as_the_notebook(tmp_path):
             compared += 1
     for key in ("train.loss", "val.loss", "grad_norm", "interp.usage_entropy_mean", "expert_usage.0.0"):
         assert any(key in r for r in a), key
-    assert len({r["step"] for r in b if "train.loss" in r}) == int(STEPS)
+    assert [r["step"] for r in b if "train.loss" in r] == [5, 10, 15, 20]
     print(f"{compared} logged values equal between the notebook and the program")
 
 

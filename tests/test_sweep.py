@@ -1,6 +1,7 @@
 """Sweeps (issue: a grid over config fields run headlessly, collected into a table and plots): the
-real `bash setup.sh sweep` on a 2-point grid of a tiny model, logged to a fake W&B server, then the
-same command again, which finds both runs done. The grid parsing, the table and the plots on
+real `bash setup.sh sweep --program` on a 2-point grid of a tiny model (each point the notebook's
+program, which trains exactly as the notebook: tests/test_program.py), logged to a fake W&B server,
+then the same command again, which finds both runs done. The grid parsing, the table and the plots on
 hand-made run directories are tested in helpers/tests/sweep.rs."""
 import csv
 import json
@@ -17,7 +18,7 @@ from test_notebooks import ROOT
 GRID = "model.num_hidden_layers=1,2"
 TINY = ("model.hidden_size=64 model.intermediate_size=64 train.seq_len=64 train.micro_batch_size=2 "
         "train.eval_every=1 train.eval_batches=1 train.log_every=1 train.sample_tokens=2 train.peak_tflops=1")
-ARGS = ["--preset", "cpu", "--steps", "2", "--grid", GRID, "--set", TINY, "--group", "sweep-test"]
+ARGS = ["--program", "--preset", "cpu", "--steps", "2", "--grid", GRID, "--set", TINY, "--group", "sweep-test"]
 NAMES = ["num_hidden_layers=1", "num_hidden_layers=2"]
 
 
@@ -43,10 +44,11 @@ def test_sweep_runs_a_grid_in_one_wandb_group_collects_it_and_skips_finished_run
     try:
         first = sweep(*ARGS, "--out", str(out), env=env)
         assert first.returncode == 0, first.stderr[-3000:]
-        assert "sweep sweep-test: 2 run(s)" in first.stdout
+        assert "sweep sweep-test: 2 run(s) of experiments/base-olmoe/experiment.ipynb as a program" in first.stdout
         assert "[1/2] num_hidden_layers=1: running" in first.stdout and "[2/2] num_hidden_layers=2: ok in" in first.stdout
         for name in NAMES:
-            assert "[base-olmoe] ok in" in (out / name / "log.txt").read_text(), "the notebook's output is in log.txt"
+            log = (out / name / "log.txt").read_text()
+            assert "program finished; run dir" in log and "step     2 |" in log, "the program's output is in log.txt"
             assert json.loads((out / name / "sweep_run.json").read_text())["exit_code"] == 0
 
         # W&B: one run per point, all in the sweep's group, named <group>/<run>, with the point's config.

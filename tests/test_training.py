@@ -1,7 +1,12 @@
 """The base notebook's training loop (issue: a training loop researchers can leave running for a
 week): exact resume after SIGKILL, non-finite handling, the generate command, and, in a notebook
 made of the experiment's own cells plus one test cell, activation checkpointing (same gradients,
-lower peak memory), bf16 mixed precision on CPU, Muon's parameter split and the KV cache."""
+lower peak memory), bf16 mixed precision on CPU, Muon's parameter split and the KV cache.
+
+The reference run executes the notebook in the kernel; the runs that are killed, resumed or meant
+to fail run the experiment's program (the same cells compiled once; tests/test_program.py checks it
+trains exactly as the notebook), which starts in seconds where a kernel execution compiles cells for
+minutes. Comparing the two to the bit is then also a check that they are the same code."""
 import json
 import os
 import shutil
@@ -15,7 +20,7 @@ import nbformat
 import pytest
 
 from fake_wandb import KEY, FakeWandb
-from test_notebooks import ROOT, RUNNER, run_notebook
+from test_notebooks import ROOT, run_notebook, run_program
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers" / "scripts"))
 from nbcells import section  # noqa: E402
 
@@ -141,9 +146,10 @@ def test_run_writes_checkpoints_results_and_metrics(uninterrupted):
 def test_sigkill_then_resume_repeats_the_uninterrupted_run_bit_for_bit(uninterrupted, tmp_path, wandb_server):
     reference, _ = uninterrupted
     run_dir = tmp_path / "run"
-    killed_at = run_and_kill(EXPERIMENT, run_dir, TINY, 10, **wandb_env(wandb_server))
-    assert 10 <= killed_at < int(STEPS)
-    resumed = run_notebook(EXPERIMENT, run_dir, MOE_RESUME=str(run_dir), MOE_SET=TINY, **wandb_env(wandb_server))
+    # Killed after the step-8 checkpoint; the program steps fast, so from step 9 on leaves time.
+    killed_at = run_and_kill(EXPERIMENT, run_dir, TINY, 9, **wandb_env(wandb_server))
+    assert 9 <= killed_at < int(STEPS)
+    resumed = run_program(EXPERIMENT, run_dir, MOE_RESUME=str(run_dir), MOE_SET=TINY, **wandb_env(wandb_server))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and ("(step 8," in resumed.stdout or "(step 12," in resumed.stdout)
     assert comparable(run_dir) == comparable(reference)
@@ -157,7 +163,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run_bit_for_bit(uninterru
 
 def test_resume_with_a_different_model_is_an_error_naming_the_field(uninterrupted, tmp_path):
     reference, _ = uninterrupted
-    proc = run_notebook(EXPERIMENT, tmp_path / "other", MOE_RESUME=str(reference),
+    proc = run_program(EXPERIMENT, tmp_path / "other", MOE_RESUME=str(reference),
                         MOE_SET=TINY + " model.intermediate_size=128")
     assert proc.returncode == 1
     assert "model.intermediate_size: checkpoint 256, now 128" in proc.stdout + proc.stderr
@@ -179,7 +185,7 @@ def test_generate_command_samples_from_a_saved_run(uninterrupted):
 
 def test_nonfinite_stop_names_the_group_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_notebook(EXPERIMENT, run_dir, MOE_PRESET="cpu", MOE_STEPS="10",
+    proc = run_program(EXPERIMENT, run_dir, MOE_PRESET="cpu", MOE_STEPS="10",
                         MOE_SET=TINY.replace("on_nonfinite=skip", "on_nonfinite=stop").replace("nan_at_step=2", "nan_at_step=5"))
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
@@ -381,11 +387,11 @@ def test_wandb_sync_command_uploads_a_spool(uninterrupted, tmp_path):
 
 
 def run_and_kill(notebook: Path, run_dir: Path, overrides: str, at_step: int, **extra):
-    """Starts a STEPS-step run and SIGKILLs the runner, the kernel and the process executing the
-    cells once step `at_step` is logged: no cleanup runs anywhere. Returns the last logged step."""
+    """Starts a STEPS-step run of the notebook's program and SIGKILLs it (and setup.sh, which started
+    it) once step `at_step` is logged: no cleanup runs anywhere. Returns the last logged step."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
     env.update(MOE_RUN_DIR=str(run_dir), MOE_DEVICE="cpu", MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=overrides, **extra)
-    proc = subprocess.Popen([sys.executable, str(RUNNER), str(notebook)], cwd=ROOT, env=env,
+    proc = subprocess.Popen(["bash", str(ROOT / "setup.sh"), "run", "--program", str(notebook)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
@@ -403,16 +409,17 @@ def run_and_kill(notebook: Path, run_dir: Path, overrides: str, at_step: int, **
 @pytest.mark.parametrize("notebook", [p for p in sorted((ROOT / "experiments").glob("*/experiment.ipynb")) if p != EXPERIMENT],
                          ids=lambda p: p.parent.name)
 def test_every_copy_resumes_exactly_even_under_another_expert_placement(notebook, tmp_path):
-    """A copy of the base (its own cells: model, objective, optimizer) trained with its experts placed
-    (a shard per device), then resumed unplaced from its step-12 checkpoint, repeats its own last
-    steps exactly: checkpoints hold the whole stacks, cut back into what the model has."""
+    """A copy of the base (its own cells: model, objective, optimizer; run as its program) trained
+    with its experts placed (a shard per device), then resumed unplaced from its step-12 checkpoint,
+    repeats its own last steps exactly: checkpoints hold the whole stacks, cut back into what the
+    model has."""
     run_dir = tmp_path / "run"
-    placed = run_notebook(notebook, run_dir, MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=TINY + " train.expert_placement=round-robin:cpu")
+    placed = run_program(notebook, run_dir, MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=TINY + " train.expert_placement=round-robin:cpu")
     assert placed.returncode == 0, placed.stderr[-3000:]
     assert "experts placed" in placed.stdout
     again = tmp_path / "again"
     shutil.copytree(run_dir, again)
-    rest = run_notebook(notebook, again, MOE_RESUME=str(again / "checkpoints" / "step-00000012"), MOE_SET=TINY + " train.expert_placement=")
+    rest = run_program(notebook, again, MOE_RESUME=str(again / "checkpoints" / "step-00000012"), MOE_SET=TINY + " train.expert_placement=")
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "resuming from" in rest.stdout and "(step 12," in rest.stdout
     assert comparable(again) == comparable(run_dir)

@@ -383,13 +383,31 @@ pub fn write_if_changed(path: &Path, text: &str) -> Result<bool> {
 pub struct Prepared {
     pub name: String,
     pub package_dir: PathBuf,
+    /// Cargo's target directory, shared by the programs of every torch (see [`prepare`]).
     pub target_dir: PathBuf,
+    /// Where cargo leaves the binary (`<target_dir>/release/<name>`); [`install`] copies it on.
+    pub built: PathBuf,
+    /// The program's own binary for this torch: `<torch_dir>/bin/<name>`.
     pub binary: PathBuf,
     pub program: Program,
 }
 
+/// Copies the binary cargo built to [`Prepared::binary`] (through a rename, so a copy that is
+/// running keeps running): the programs of two torch releases share cargo's target directory and
+/// would otherwise replace each other's binary there.
+pub fn install(p: &Prepared) -> Result<()> {
+    let dir = p.binary.parent().context("binary path has no folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", p.name));
+    std::fs::copy(&p.built, &tmp).with_context(|| format!("cannot copy {} to {}", p.built.display(), tmp.display()))?;
+    std::fs::rename(&tmp, &p.binary).with_context(|| format!("cannot move {} to {}", tmp.display(), p.binary.display()))?;
+    Ok(())
+}
+
 /// Generates the program's package for `torch` under [`torch_dir`] (`src/<name>/`, `helpers/`) and
 /// copies the project's `Cargo.lock` into it, so dependencies keep the project's pinned versions.
+/// Cargo builds it in `target/programs/target/`; [`install`] then puts the binary in
+/// `<torch_dir>/bin/`.
 pub fn prepare(root: &Path, nb_path: &Path, torch: &str, skip_tags: &[String]) -> Result<Prepared> {
     let tch = tch_for_torch(torch)?;
     let program = generate(nb_path, skip_tags)?;
@@ -404,9 +422,13 @@ pub fn prepare(root: &Path, nb_path: &Path, torch: &str, skip_tags: &[String]) -
     // torch-sys of another release), and every other crate keeps the version the project pins.
     let root_lock = std::fs::read_to_string(root.join("Cargo.lock")).context("cannot read the project's Cargo.lock")?;
     write_if_changed(&package_dir.join("Cargo.lock"), &root_lock)?;
-    let target_dir = base.join("target");
-    let binary = target_dir.join("release").join(&name);
-    Ok(Prepared { name, package_dir, target_dir, binary, program })
+    // One target directory for every torch: the ~300 crates that do not depend on torch are built
+    // once (tch, torch-sys, helpers and the program itself are per torch: their paths or versions
+    // differ, so cargo keeps them apart).
+    let target_dir = root.join("target").join("programs").join("target");
+    let built = target_dir.join("release").join(&name);
+    let binary = base.join("bin").join(&name);
+    Ok(Prepared { name, package_dir, target_dir, built, binary, program })
 }
 
 /// A summary of the dependencies for messages, tch as pinned: `tch =0.24.0, helpers path, ...`.

@@ -79,6 +79,7 @@ fn run(cli: Cli) -> Result<()> {
                     p.name,
                     p.package_dir.join("main.rs").display()
                 );
+                moe_program::install(&p)?;
                 eprintln!("[program] built {} in {:.0}s", p.binary.display(), t0.elapsed().as_secs_f64());
             }
             println!("{}", p.binary.display());

@@ -7,9 +7,11 @@
 //! bash setup.sh sweep --out runs/sweeps/<group> --report-only  # just the table and plots
 //! ```
 //!
-//! Each point runs `helpers/scripts/run_notebook.py <notebook>` with MOE_RUN_DIR=<out>/<run name>,
-//! MOE_SET=<--set> <point>, WANDB_RUN_GROUP=<group> and WANDB_NAME=<group>/<run name>; the rest of
-//! the environment is inherited. Output goes to the terminal and to <run dir>/log.txt.
+//! Each point runs `helpers/scripts/run_notebook.py <notebook>` (with `--program`: `bash setup.sh
+//! run --program <notebook>`, the notebook compiled once, every point starting in seconds) with
+//! MOE_RUN_DIR=<out>/<run name>, MOE_SET=<--set> <point>, WANDB_RUN_GROUP=<group> and
+//! WANDB_NAME=<group>/<run name>; the rest of the environment is inherited. Output goes to the
+//! terminal and to <run dir>/log.txt.
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use helpers::run::{fmt_duration, utc_timestamp};
@@ -48,6 +50,11 @@ struct Cli {
     /// Only collect the runs already in --out into the table and plots.
     #[arg(long)]
     report_only: bool,
+    /// Run each point as the notebook's compiled program (`bash setup.sh run --program`) instead of
+    /// in the Jupyter kernel: the same cells, built once, so a point does not spend minutes
+    /// compiling cells. May differ between the calls that continue one sweep.
+    #[arg(long)]
+    program: bool,
 }
 
 const DEFAULT_NOTEBOOK: &str = "experiments/base-olmoe/experiment.ipynb";
@@ -83,7 +90,8 @@ fn run(cli: Cli) -> Result<bool> {
     let python = root.join(".venv/bin/python");
     anyhow::ensure!(python.is_file(), "{} does not exist; run `bash setup.sh` first", python.display());
     let points = sweep.points();
-    println!("sweep {}: {} run(s) of {} into {}", sweep.group, points.len(), sweep.notebook, out.display());
+    let how = if cli.program { " as a program" } else { "" };
+    println!("sweep {}: {} run(s) of {}{how} into {}", sweep.group, points.len(), sweep.notebook, out.display());
     let t0 = Instant::now();
     for (i, point) in points.iter().enumerate() {
         let name = point.name();
@@ -102,7 +110,7 @@ fn run(cli: Cli) -> Result<bool> {
             dir.join("log.txt").display()
         );
         let t = Instant::now();
-        let code = run_point(&root, &python, &sweep, point, &dir, resume)?;
+        let code = run_point(&root, &python, &sweep, point, &dir, resume, cli.program)?;
         let secs = t.elapsed().as_secs_f64();
         let record = serde_json::json!({ "exit_code": code, "seconds": secs, "moe_set": sweep.moe_set(point), "resumed": resume, "finished": utc_timestamp() });
         helpers::RunDir::at(&dir)?.write_json(sweep::RUN_RECORD, &record)?;
@@ -189,14 +197,22 @@ fn prepare_retry(dir: &Path) -> Result<bool> {
     Ok(false)
 }
 
-/// Runs the notebook for `point`, its stdout and stderr going both to ours and to `<dir>/log.txt`;
-/// returns its exit code.
-fn run_point(root: &Path, python: &Path, sweep: &Sweep, point: &Point, dir: &Path, resume: bool) -> Result<i32> {
+/// Runs the notebook (or its program) for `point`, its stdout and stderr going both to ours and to
+/// `<dir>/log.txt`; returns its exit code.
+fn run_point(root: &Path, python: &Path, sweep: &Sweep, point: &Point, dir: &Path, resume: bool, program: bool) -> Result<i32> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log.txt")).context("cannot open log.txt")?;
     let log = Arc::new(Mutex::new(log));
-    let mut cmd = Command::new(python);
-    cmd.arg(root.join("helpers/scripts/run_notebook.py")).arg(root.join(&sweep.notebook)).current_dir(root);
+    let mut cmd = if program {
+        let mut c = Command::new("bash");
+        c.arg(root.join("setup.sh")).args(["run", "--program"]);
+        c
+    } else {
+        let mut c = Command::new(python);
+        c.arg(root.join("helpers/scripts/run_notebook.py"));
+        c
+    };
+    cmd.arg(root.join(&sweep.notebook)).current_dir(root);
     cmd.env("MOE_RUN_DIR", dir).env("MOE_SET", sweep.moe_set(point)).env_remove("MOE_RESUME");
     cmd.env("WANDB_RUN_GROUP", &sweep.group).env("WANDB_NAME", format!("{}/{}", sweep.group, point.name()));
     if let Some(p) = &sweep.preset {
@@ -208,7 +224,8 @@ fn run_point(root: &Path, python: &Path, sweep: &Sweep, point: &Point, dir: &Pat
     if resume {
         cmd.env("MOE_RESUME", dir);
     }
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("cannot start the notebook runner")?;
+    let what = if program { "cannot start `bash setup.sh run --program`" } else { "cannot start the notebook runner" };
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context(what)?;
     // Rust note: one thread per pipe, so neither fills up while the other is read.
     let tee = |mut from: Box<dyn Read + Send>, to_stderr: bool| {
         let log = Arc::clone(&log);
