@@ -28,13 +28,21 @@ COMPARED = ("train.loss", "train.base_loss", "train.aux_loss", "train.z_loss", "
             "val.loss", "val.accuracy", "tokens", "expert_usage.0.0", "expert_usage.1.5", "lr")
 
 
-def assert_same_training(a: list[dict], b: list[dict], what: str):
+# Muon's Newton-Schulz iterations run in bf16 (8 bits of mantissa): the last-bit differences of a
+# gradient summed in another order (two ranks' halves all-reduced, or two micro-batches accumulated
+# in one process) can round differently there, and after a few steps the runs differ by up to ~5e-5
+# relative (seen: aux_loss 1.2e-5, grad_norm.experts 5.1e-5 at steps 4-5). A wrong average or a
+# missed gradient differs by whole percents.
+REL = {"adamw": 1e-5, "muon": 2e-4}
+
+
+def assert_same_training(a: list[dict], b: list[dict], what: str, rel: float = REL["adamw"]):
     assert [r["step"] for r in a] == [r["step"] for r in b], what
     n = 0
     for ra, rb in zip(a, b):
         for k in COMPARED:
             if k in ra:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), f"{what}: {k} at step {ra['step']}: {rb[k]} vs {ra[k]}"
+                assert rb[k] == pytest.approx(ra[k], rel=rel, abs=1e-6), f"{what}: {k} at step {ra['step']}: {rb[k]} vs {ra[k]}"
                 n += 1
     assert n > 30, n
 
@@ -68,7 +76,7 @@ def launched(tmp_path_factory):
 @pytest.mark.parametrize("opt", ["adamw", "muon"])
 def test_two_ranks_train_as_one_process_with_the_same_batch(launched, opt):
     one, two = launched[opt]
-    assert_same_training(rows(one), rows(two), f"{opt}: 2 ranks vs 1 process")
+    assert_same_training(rows(one), rows(two), f"{opt}: 2 ranks vs 1 process", REL[opt])
     r2 = rows(two)
     assert all(r["comm_time"] > 0 for r in r2 if "train.loss" in r), "the launch reports its time in collectives"
     assert all("comm_time" not in r for r in rows(one)), "one process has no collectives"
