@@ -5,12 +5,14 @@
 //! 2. The C++ side of `helpers::dist` (csrc/dist.cpp: PyTorch's c10d, Gloo), compiled against the
 //!    headers of the libtorch tch links, as torch-sys compiles its own wrapper.
 fn main() {
-    // file!(), not "build.rs": programs build helpers from a generated manifest in another folder
-    // (helpers/program), where a relative path would name a missing file and rebuild every time.
-    println!("cargo:rerun-if-changed={}", file!());
-    // The crate's own folder: a program's generated manifest names this file by its absolute path.
+    // The crate's own folder, and every path below absolute: a program's generated manifest (in
+    // another folder, see helpers/program) names this file by its absolute path, so file!() is
+    // absolute there; in this workspace file!() is relative to the workspace root
+    // ("helpers/build.rs") while cargo reads a relative rerun-if-changed against the package
+    // ("helpers/helpers/build.rs", missing), which made every cargo command rebuild helpers.
     let this = std::path::Path::new(file!());
     let dir = if this.is_absolute() { this.parent().unwrap().to_path_buf() } else { std::env::var("CARGO_MANIFEST_DIR").unwrap().into() };
+    println!("cargo:rerun-if-changed={}", dir.join("build.rs").display());
     let csrc = dir.join("csrc");
     println!("cargo:rerun-if-changed={}", csrc.join("dist.cpp").display());
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports the libtorch lib directory");
