@@ -14,7 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Generate the program's package and build it in release mode; prints the binary's path last.
+    /// Generate the program's package and build it (reusing setup's build of the dependencies;
+    /// the notebook's code at opt-level 3); prints the binary's path last.
     Build {
         notebook: PathBuf,
         /// The libtorch the program links (the torch version of the Python environment in use).
@@ -68,7 +69,7 @@ fn run(cli: Cli) -> Result<()> {
             if !no_build {
                 let t0 = std::time::Instant::now();
                 let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                    .args(["build", "--release", "--manifest-path"])
+                    .args(["build", "--manifest-path"])
                     .arg(p.package_dir.join("Cargo.toml"))
                     .env("CARGO_TARGET_DIR", &p.target_dir)
                     .status()

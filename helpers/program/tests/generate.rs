@@ -107,7 +107,11 @@ fn manifests_pin_one_tch() {
     let m: toml::Table = program_manifest("base-olmoe", &deps, Path::new("/x/helpers"), "0.24.0", root).unwrap().parse().unwrap();
     assert_eq!(m["dependencies"]["tch"].as_str(), Some("=0.24.0"));
     assert_eq!(m["dependencies"]["helpers"]["path"].as_str(), Some("/x/helpers"));
-    assert_eq!(m["package"]["name"].as_str(), Some("base-olmoe"));
+    assert_eq!(m["package"]["name"].as_str(), Some("program-base-olmoe"));
+    // The project's profiles, so the program reuses setup's build of every dependency; its own
+    // code optimised.
+    assert_eq!(m["profile"]["dev"]["package"]["helpers"]["opt-level"].as_integer(), Some(3));
+    assert_eq!(m["profile"]["dev"]["package"]["program-base-olmoe"]["opt-level"].as_integer(), Some(3));
 
     let nb = root.join("experiments/base-olmoe/experiment.ipynb");
     assert_eq!(program_name(&nb).unwrap(), "base-olmoe");
