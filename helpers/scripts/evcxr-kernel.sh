@@ -21,6 +21,14 @@ if [ -z "${EVCXR_TMPDIR:-}" ]; then
   done
   [ -n "${EVCXR_TMPDIR:-}" ] || { echo "all 16 kernel build slots under $root/target/evcxr-kernels are in use" >&2; exit 1; }
 fi
+# A slot never used before starts from slot 0's build (what setup compiled): a copy takes seconds,
+# compiling tch and the other dependencies again takes minutes. Cargo finds the copied artifacts
+# fresh (their sources and settings are the same); only the cells themselves compile.
+warm="$root/target/evcxr-kernels/0/target"
+if [ ! -d "$EVCXR_TMPDIR/target" ] && [ "$EVCXR_TMPDIR" != "$root/target/evcxr-kernels/0" ] && [ -d "$warm" ]; then
+  cp -a "$warm" "$EVCXR_TMPDIR/.target-seed" 2>/dev/null && mv "$EVCXR_TMPDIR/.target-seed" "$EVCXR_TMPDIR/target" \
+    || rm -rf "$EVCXR_TMPDIR/.target-seed"
+fi
 # Resolve notebook dependencies to the versions in the project's Cargo.lock (reproducible, offline-friendly).
 [ -f "$EVCXR_TMPDIR/Cargo.lock" ] || cp "$root/Cargo.lock" "$EVCXR_TMPDIR/Cargo.lock" 2>/dev/null || true
 exec "${EVCXR_JUPYTER:-evcxr_jupyter}" "$@"
