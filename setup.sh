@@ -12,7 +12,8 @@
 #   bash setup.sh bench-dist [--nproc 2] [--steps 12]
 #                              data-parallel throughput: N ranks vs one process on this machine
 #   bash setup.sh build [NB] [--skip-tag TAG]
-#                              turn NB's code cells into a Rust program, built in release mode
+#                              turn NB's code cells into a Rust program (setup's build of the
+#                              dependencies reused; the notebook's code at opt-level 3)
 #   bash setup.sh gpu-check --prepare | --dry-run | [DIR]
 #                              the GPU proof: a folder (program built against torch 2.11.0 + driver
 #                              script) for a GPU machine without Rust; its CPU dry run; or run it
@@ -58,7 +59,7 @@ EVCXR_VERSION="0.22.0"
 EVCXR_BIN="${CARGO_HOME:-$HOME/.cargo}/bin/evcxr_jupyter"
 # Python packages, pinned. torch 2.13.0 is what tch 0.26.0 binds; transformers is the reference
 # implementation the parity tests compare against; pyarrow writes the parquet files the data tests serve.
-PY_PKGS=(torch==2.13.0 transformers==5.23.0 jupyterlab==4.6.6 nbclient==0.11.0 nbformat==5.11.1 pytest==9.2.0 pyarrow==26.0.1)
+PY_PKGS=(torch==2.13.0 transformers==5.23.0 jupyterlab==4.6.6 nbclient==0.11.0 nbformat==5.11.1 pytest==9.2.0 pytest-xdist==3.8.0 pyarrow==26.0.1)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
@@ -251,14 +252,18 @@ rust_kernel() {
     say "building evcxr_jupyter $EVCXR_VERSION with --locked (first time: ~6 min on 2 cores)"
     CARGO_NET_RETRY="${CARGO_NET_RETRY:-10}" cargo install --quiet --locked evcxr_jupyter --version "$EVCXR_VERSION"
   fi
-  # Register the kernel inside .venv, with the environment libtorch needs. Rewritten every time
-  # (cheap), because evcxr rewrites kernel.json without our env when its version changes.
-  local kdir="$VENV/share/jupyter/kernels/rust"
-  JUPYTER_PATH="$VENV/share/jupyter" "$EVCXR_BIN" --install >/dev/null
-  "$VENV/bin/python" - "$kdir/kernel.json" "$VENV" "$TORCH_LIB" "$ROOT/helpers/scripts/evcxr-kernel.sh" "$EVCXR_BIN" <<'PY'
-import json, sys
-path, venv, torch_lib, launcher, evcxr = sys.argv[1:]
-spec = json.load(open(path))
+  # Register the kernel inside .venv, with the environment libtorch needs. Checked every time
+  # (cheap), because evcxr's --install writes kernel.json without our env. evcxr writes into a
+  # scratch folder and the spec is replaced atomically, only when it changes: a kernel starting
+  # meanwhile (another setup.sh command, a second test worker) never reads a half-written or
+  # env-less kernel.json.
+  local kdir="$VENV/share/jupyter/kernels/rust" scratch
+  scratch="$(mktemp -d)"
+  JUPYTER_PATH="$scratch" "$EVCXR_BIN" --install >/dev/null
+  "$VENV/bin/python" - "$scratch/kernels/rust" "$kdir" "$VENV" "$TORCH_LIB" "$ROOT/helpers/scripts/evcxr-kernel.sh" "$EVCXR_BIN" <<'PY'
+import filecmp, json, os, shutil, sys
+src, kdir, venv, torch_lib, launcher, evcxr = sys.argv[1:]
+spec = json.load(open(os.path.join(src, "kernel.json")))
 spec["display_name"] = "Rust (MoE research kernel)"
 # The launcher gives each running kernel its own, persistent build directory.
 spec["argv"] = ["bash", launcher, "--control_file", "{connection_file}"]
@@ -269,8 +274,20 @@ spec["env"] = {
     "LD_LIBRARY_PATH": torch_lib,
     "EVCXR_JUPYTER": evcxr,
 }
-json.dump(spec, open(path, "w"), indent=2)
+text = json.dumps(spec, indent=2)
+path = os.path.join(kdir, "kernel.json")
+os.makedirs(kdir, exist_ok=True)
+for f in os.listdir(src):  # logos, version.txt, the notebook extension
+    a, b = os.path.join(src, f), os.path.join(kdir, f)
+    if f != "kernel.json" and not (os.path.exists(b) and filecmp.cmp(a, b, shallow=False)):
+        shutil.copy(a, b)
+if not os.path.exists(path) or open(path).read() != text:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 PY
+  rm -rf "$scratch"
   say "rust kernel registered in .venv (LD_LIBRARY_PATH=torch/lib, LIBTORCH_USE_PYTORCH=1)"
 }
 
@@ -318,13 +335,19 @@ program_setup() {
 }
 
 # build_program NOTEBOOK [--skip-tag TAG ...]: the program's binary path on stdout (progress on stderr).
-# torch-sys finds libtorch through LIBTORCH (headers and libraries of that torch directory), not by
+# The program is built in the project's target/ with setup's profile (helpers/program), so for the
+# torch setup installed it uses setup's environment for torch-sys (LIBTORCH_USE_PYTORCH through
+# .venv): torch-sys's build script reruns when those variables change, and everything above it with
+# it. Another torch is found through LIBTORCH (headers and libraries of that torch directory), not by
 # importing torch, so a torch whose CUDA libraries are absent here still links.
 build_program() {
   local nb="$1"; shift
   [ -f "$nb" ] || die "notebook $nb does not exist"
-  env -u LIBTORCH_USE_PYTORCH LIBTORCH="$TORCH_DIR" LIBTORCH_CXX11_ABI=1 \
-    "$ROOT/target/debug/moe-program" build "$nb" --torch "$TORCH_VERSION" "$@" | tail -n1
+  local how=(env -u LIBTORCH_USE_PYTORCH LIBTORCH="$TORCH_DIR" LIBTORCH_CXX11_ABI=1)
+  if [ -x "$VENV/bin/python" ] && [ "$(torch_of "$VENV/bin/python")" = "$TORCH_VERSION $TORCH_DIR" ]; then
+    how=(env -u LIBTORCH -u LIBTORCH_CXX11_ABI VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" LIBTORCH_USE_PYTORCH=1)
+  fi
+  "${how[@]}" "$ROOT/target/debug/moe-program" build "$nb" --torch "$TORCH_VERSION" "$@" | tail -n1
   [ "${PIPESTATUS[0]}" = 0 ] || die "building the program of $nb failed (see above)"
 }
 
@@ -455,9 +478,14 @@ case "$cmd" in
   test)
     setup
     say "cargo test (helpers)"
-    cargo test --quiet --workspace
-    say "pytest (notebooks executed in the rust kernel, repository rules)"
-    exec "$VENV/bin/python" -m pytest -v tests/ "$@" ;;
+    # Unit and integration tests; the binaries' empty test harnesses and the (absent) doc tests
+    # would each be one more ~100 MB link for nothing.
+    cargo test --quiet --workspace --lib --test '*'
+    # Two workers by default (MOE_TEST_WORKERS=0 runs in one process): a kernel execution is mostly
+    # cell compiles on one core. Tests that share a fixture stay on one worker (tests/conftest.py).
+    say "pytest (notebooks executed in the rust kernel, repository rules; ${MOE_TEST_WORKERS:-2} workers)"
+    exec "$VENV/bin/python" -m pytest -v -n "${MOE_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder \
+      --durations=30 tests/ "$@" ;;
   launch)
     nb="experiments/base-olmoe/experiment.ipynb"; nproc=""; targs=()
     while [ $# -gt 0 ]; do

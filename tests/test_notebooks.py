@@ -55,6 +55,7 @@ BRIEF = dict(MOE_PRESET="cpu", MOE_STEPS="20", MOE_SET="train.log_every=5 train.
              MOE_THREADS="2")
 
 
+@pytest.mark.uses("brief_base_run")  # asked for below (base only), so conftest cannot see it
 @pytest.mark.parametrize("nb", EXPERIMENTS, ids=[p.parent.name for p in EXPERIMENTS])
 def test_experiment_trains_briefly_on_cpu(nb, tmp_path, request):
     if nb.parent.name == "base-olmoe":
