@@ -25,23 +25,34 @@ def brief_base_run(tmp_path_factory):
     return run_dir, run_notebook(ROOT / "experiments" / "base-olmoe" / "experiment.ipynb", run_dir, **BRIEF)
 
 
-# --- Two workers (pytest-xdist; `bash setup.sh test` runs `-n 2 --dist loadgroup`) ---------------
+# --- Two workers (pytest-xdist; `bash setup.sh test` runs `-n 2 --dist loadscope`) ---------------
 # A kernel execution is mostly cell compiles, which use one core, so two workers fit this 2-core
 # machine. Tests that share an expensive fixture (module- or session-scoped: a kernel execution, a
-# program build) must run on one worker, or each worker would pay for it: they get one xdist group.
-# Groups start longest first (LPT scheduling), so the last one to finish is a short one.
+# program build) must run on one worker, or each worker would pay for it: they form one group, and
+# the scheduler below hands out whole groups. Groups start longest first (LPT scheduling), so the
+# last one to finish is a short one.
+#
+# Why not xdist's own `--dist loadgroup` with `xdist_group` marks: xdist 3.8 tags a test's group by
+# rewriting `item._nodeid`, which pytest 9 no longer reads (nodeid comes from `item._id`), so every
+# test became its own group and each worker ran the shared fixtures (seen: the 14-step W&B kernel
+# run twice). Here each worker writes {test id: group} to a file the controller's scheduler reads.
 LONGEST_FIRST = ["test_training", "test_data", "test_notebooks", "test_program", "test_sweep", "test_dist",
                  "test_experts", "test_memory", "test_interp", "test_parity", "test_devices", "test_bench"]
+GROUPS_ENV = "MOE_TEST_GROUPS_FILE"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "uses(fixture): the test asks for this fixture at run time (request.getfixturevalue)")
+    if not hasattr(config, "workerinput") and GROUPS_ENV not in os.environ:
+        # The controller, before it starts the workers (they inherit the environment).
+        import tempfile
+        os.environ[GROUPS_ENV] = os.path.join(tempfile.mkdtemp(prefix="moe-test-groups-"), "groups.json")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Puts the tests that share an expensive fixture in one xdist group, then orders the files
-    longest first."""
-    parent = {}  # union-find over test ids and "file::fixture" keys
+def groups_of(items) -> dict:
+    """{test id: group id} for the tests that share a module- or session-scoped fixture of this
+    project, directly or through other tests (union-find)."""
+    parent = {}
 
     def find(x):
         while parent.setdefault(x, x) != x:
@@ -56,13 +67,43 @@ def pytest_collection_modifyitems(config, items):
                 yield name if defs[-1].scope == "session" else f"{item.path.stem}::{name}"
         yield from (m.args[0] for m in item.iter_markers("uses"))
 
-    grouped = set()
+    grouped = []
     for item in items:
         for key in shared_fixtures(item):
             parent[find(key)] = find(item.nodeid)
-            grouped.add(item.nodeid)
-    for item in items:
-        if item.nodeid in grouped:
-            item.add_marker(pytest.mark.xdist_group(find(item.nodeid).replace("::", "-").replace("/", "-")))
+            grouped.append(item.nodeid)
+    return {nodeid: "group:" + find(nodeid) for nodeid in grouped}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Orders the files longest first; in a worker, writes the groups for the scheduler."""
     rank = {stem: i for i, stem in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda it: rank.get(it.path.stem, len(rank)))
+    path = os.environ.get(GROUPS_ENV)
+    if hasattr(config, "workerinput") and path:
+        import json
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(groups_of(items), f)
+        os.replace(tmp, path)  # every worker writes the same map
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # a plain `pytest` without xdist needs none of this
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+    class GroupScheduling(LoadScopeScheduling):
+        """xdist's scope scheduling with this project's groups as scopes (a test outside every
+        group is a scope of its own)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            if not hasattr(self, "_groups"):
+                import json
+                path = os.environ.get(GROUPS_ENV)
+                self._groups = json.load(open(path)) if path and os.path.exists(path) else {}
+            return self._groups.get(nodeid, nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        return GroupScheduling(config, log)

@@ -88,3 +88,29 @@ def test_the_python_project_is_named_not_called_the_seed():
         hits = re.findall(r"\b[Tt]he seed(?! of)\b[^\n]{0,30}", path.read_text())
         assert not hits, f"{path.relative_to(ROOT)}: say interpretable-moes, not {hits[:3]}"
     assert "https://github.com/bongohead/interpretable-moes" in (ROOT / "README.md").read_text()
+
+
+def test_tests_sharing_a_fixture_run_on_one_worker(tmp_path):
+    """The suite's scheduler (conftest.py) keeps the tests that share a module- or session-scoped
+    fixture on one worker, so the fixture (a kernel execution, minutes) runs once. Run on a small
+    suite with two workers: the six tests of the shared fixture on one, the free test on either."""
+    import shutil
+    import sys
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_shared.py").write_text(
+        "import os, time, pytest\n"
+        "@pytest.fixture(scope='module')\n"
+        "def shared():\n"
+        "    return 'made once'\n"
+        "@pytest.mark.parametrize('i', range(6))\n"
+        "def test_x(shared, i):\n"
+        "    time.sleep(0.1)\n"
+        "def test_free():\n"
+        "    time.sleep(0.3)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MOE_TEST_GROUPS_FILE"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadscope", "--no-loadscope-reorder",
+                           "-v", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    workers = {w for w, t in re.findall(r"\[(gw\d)\] \[\s*\d+%\] PASSED \S+::(test_x\S*)", proc.stdout)}
+    assert len(re.findall(r"PASSED \S+::test_x", proc.stdout)) == 6 and len(workers) == 1, proc.stdout[-3000:]

@@ -222,3 +222,33 @@ fn bad_inputs_are_one_line_errors() {
     assert!(e.contains("c.jsonl:1: no string field \"text\""), "{e}");
     assert!(!e.contains('\n'));
 }
+
+/// Two processes preparing one directory at once (two notebooks started together, two test
+/// workers on a fresh clone): they take turns on the directory's lock, so one tokenizes, the other
+/// finds the shards done, and neither sees the other's half-written files.
+#[test]
+fn two_jobs_on_one_directory_take_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let many: Vec<_> = (0..100).flat_map(|_| rows()).collect(); // 4,000 documents: the jobs would overlap
+    parquet(&inputs.join("a.parquet"), &many);
+    let out = dir.path().join("shards");
+    let mut job = Process::new(vec![inputs.clone()], &out, tokenizer());
+    job.progress = false;
+    job.batch_docs = 1;
+    job.val_tokens = 30;
+    let sums: Vec<_> = std::thread::scope(|s| {
+        let a = s.spawn(|| job.clone().run());
+        let b = s.spawn(|| job.clone().run());
+        [a.join().unwrap(), b.join().unwrap()]
+    })
+    .into_iter()
+    .map(|r| r.unwrap())
+    .collect();
+    let mut read: Vec<u64> = sums.iter().map(|s| s.docs_read).collect();
+    read.sort();
+    assert_eq!(read, vec![0, 4000], "one job did the work, the other found it done");
+    assert!(walk(&out).iter().all(|p| p.extension().is_none_or(|e| e != "tmp")), "no half-written shard left");
+    assert_eq!(shards::open_dir(&out.join("train"), None).unwrap().len(), 1);
+}

@@ -9,6 +9,7 @@
 //! ```
 //! Each input becomes one shard, written as `.tmp` and renamed when complete, so a rerun skips the
 //! finished ones, redoes one left half-written by a crash, and picks up input files added since.
+//! A lock on `<out>/.lock` keeps a second process from writing the same shards at the same time.
 use super::source::{Documents, Filter};
 use crate::progress::Progress;
 use crate::shards::{self, Shard, ShardWriter};
@@ -101,6 +102,20 @@ struct Manifest {
     inputs: Vec<String>,
 }
 
+/// An exclusive lock on `<dir>/.lock`, held while the returned file is open (released by the
+/// kernel if the process dies). Waits, saying so, while another process holds it.
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_cause(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(".lock");
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)
+        .with_cause(|| format!("cannot open {}", path.display()))?;
+    if f.try_lock().is_err() {
+        println!("{}: another process is preparing these shards; waiting for it", dir.display());
+        f.lock().with_cause(|| format!("cannot lock {}", path.display()))?;
+    }
+    Ok(f)
+}
+
 impl Process {
     pub fn new(inputs: Vec<PathBuf>, out_dir: impl Into<PathBuf>, tokenizer: impl Into<PathBuf>) -> Self {
         Self {
@@ -125,8 +140,11 @@ impl Process {
         self.out_dir.join("val")
     }
 
-    /// Runs the job; see the module docs for what is skipped and redone.
+    /// Runs the job; see the module docs for what is skipped and redone. Two processes preparing
+    /// one directory at once (two notebooks started together, two test workers) take turns: the
+    /// second waits for the first, then finds its shards done.
     pub fn run(&self) -> Result<Summary> {
+        let _lock = lock_dir(&self.out_dir)?;
         let files = super::source::input_files(&self.inputs)?;
         let tok = crate::data::Tokenizer::from_file(&self.tokenizer)?;
         let tok_bytes = std::fs::read(&self.tokenizer).with_cause(|| format!("cannot read {}", self.tokenizer.display()))?;
