@@ -173,14 +173,20 @@ def test_cross_layer_notebook_differs_from_the_base_only_where_the_method_does()
 def test_shared_experts_dense_layers_and_lflb_train_and_save(tmp_path):
     """interpretable-moes' options in one short run of the experiment's program (and the multi-device
     expert path with a map of CPU devices): the smoke test checks the parameter count against the
-    formula; the LFLB bias moves and is saved with the weights; export refuses what OLMoE lacks."""
+    formula; the LFLB bias moves and is saved with the weights; export refuses what OLMoE lacks.
+    The model options come from a MOE_CONFIG file, and MOE_SET wins over it."""
     from safetensors.torch import load_file
     nb = ROOT / "experiments" / "base-olmoe" / "experiment.ipynb"
     run_dir = tmp_path / "run"
-    proc = run_program(nb, run_dir, MOE_PRESET="cpu", MOE_STEPS="3", MOE_SET=(
-        "model.n_shared_experts=1 model.n_dense_layers=1 model.dense_intermediate_size=96 model.lflb=true "
-        "model.norm_topk_prob=true train.expert_placement=round-robin:cpu train.eval_every=3 train.sample_tokens=2"))
+    config = tmp_path / "options.toml"
+    config.write_text("# interpretable-moes' options\n[model]\nn_shared_experts = 1\nn_dense_layers = 1\n"
+                      "dense_intermediate_size = 96\nlflb = true\nnorm_topk_prob = true\n\n[train]\neval_every = 2\n")
+    proc = run_program(nb, run_dir, MOE_PRESET="cpu", MOE_STEPS="3", MOE_CONFIG=str(config), MOE_SET=(
+        "train.expert_placement=round-robin:cpu train.eval_every=3 train.sample_tokens=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"]["n_shared_experts"] == 1 and saved["model"]["lflb"] is True, "the file's fields"
+    assert saved["train"]["eval_every"] == 3, "MOE_SET wins over the file"
     assert "smoke test ok" in proc.stdout
     assert "experts placed: Cpu Cpu" in proc.stdout, "the multi-device expert path trains (a CPU map here)"
     assert "Hugging Face export skipped: Hugging Face export refused: OLMoE has no shared experts" in proc.stdout
@@ -200,6 +206,7 @@ def test_shared_experts_dense_layers_and_lflb_train_and_save(tmp_path):
     ({"MOE_SET": "model.num_experts_per_tok=99"}, "num_experts_per_tok 99 must be in 1..=num_experts"),
     ({"MOE_SET": "train.load_balancing_norm=switch"}, "unknown variant `switch`"),
     ({"MOE_INIT_FROM": "no/such/dir"}, "neither an existing directory nor a hub id"),
+    ({"MOE_CONFIG": "no/such-run.toml"}, "MOE_CONFIG=no/such-run.toml: cannot read it"),
 ])
 def test_bad_overrides_fail_the_config_cell_with_a_clear_message(env, message, tmp_path):
     """The first case in the kernel (the runner names the failing cell), the others in the program,
