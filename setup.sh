@@ -373,8 +373,20 @@ run_program() {
   program_run_dir "$nb" "$bin"; run_dir="$MOE_RUN_DIR"
   say "running $(basename "$bin") (the program of $nb; MOE_PRESET=${MOE_PRESET:-default} MOE_STEPS=${MOE_STEPS:-default}); run dir $run_dir"
   set +e
-  LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$bin" 2>&1 | tee -a "$run_dir/program.log"
-  local rc="${PIPESTATUS[0]}"
+  # The program runs in the background so that SIGTERM and SIGINT sent to this script (a container's
+  # main process being stopped, a scheduler's preemption, Ctrl-C) reach it: it ends after its
+  # current step with a checkpoint (helpers::stop). Its output goes through tee into program.log.
+  local fifo="$run_dir/.program-output.$$" pid tee_pid rc interrupted
+  mkfifo "$fifo"
+  tee -a "$run_dir/program.log" < "$fifo" & tee_pid=$!
+  LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$bin" > "$fifo" 2>&1 & pid=$!
+  trap 'interrupted=1; kill -TERM "$pid" 2>/dev/null' TERM
+  # A background job of a script ignores SIGINT, so Ctrl-C is passed on as SIGTERM (a second one
+  # ends the program at once).
+  trap 'interrupted=1; kill -TERM "$pid" 2>/dev/null' INT
+  while :; do interrupted=0; wait "$pid"; rc=$?; [ "$interrupted" = 1 ] || break; done
+  trap - TERM INT
+  wait "$tee_pid"; rm -f "$fifo"
   set -e
   [ "$rc" = 0 ] && say "program finished; run dir $run_dir" || say "program FAILED (exit $rc); run dir $run_dir"
   exit "$rc"
@@ -484,7 +496,7 @@ case "$cmd" in
     # Two workers by default (MOE_TEST_WORKERS=0 runs in one process): a kernel execution is mostly
     # cell compiles on one core. Tests that share a fixture stay on one worker (tests/conftest.py).
     say "pytest (notebooks executed in the rust kernel, repository rules; ${MOE_TEST_WORKERS:-2} workers)"
-    exec "$VENV/bin/python" -m pytest -v -n "${MOE_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder \
+    exec "$VENV/bin/python" -m pytest -v -n "${MOE_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder \
       --durations=30 tests/ "$@" ;;
   launch)
     nb="experiments/base-olmoe/experiment.ipynb"; nproc=""; targs=()

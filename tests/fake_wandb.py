@@ -68,6 +68,8 @@ class FakeWandb:
                     if "wandb-summary.json" in files:
                         run["summary"] = json.loads(files["wandb-summary.json"]["content"][0])
                     run["uploaded"] += req.get("uploaded", [])
+                    if req.get("preempting") and run["complete"] is None:
+                        run["preempting"] = True
                     if req.get("complete"):
                         run["complete"] = req.get("exitcode")
                 self.reply(200, {})

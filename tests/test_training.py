@@ -70,7 +70,11 @@ def wandb_env(fake: FakeWandb) -> dict:
 
 
 def wandb_id(run_dir: Path) -> str:
-    return json.loads((run_dir / "checkpoints" / "step-00000014" / "state.json").read_text())["wandb_run_id"]
+    return wandb_id_at(run_dir, 14)
+
+
+def wandb_id_at(run_dir: Path, step: int) -> str:
+    return json.loads((run_dir / "checkpoints" / f"step-{step:08d}" / "state.json").read_text())["wandb_run_id"]
 
 
 def no_key_in(run_dir: Path):
@@ -95,15 +99,20 @@ def test_run_is_logged_to_wandb(uninterrupted, wandb_server):
     r = wandb_server.runs[run_id]
     assert wandb_server.steps(run_id) == list(range(0, int(STEPS) + 1)), "every metrics row, once, in order"
     local = rows(run_dir)
-    assert [h.get("train.loss") for h in r["history"]] == [x.get("train.loss") for x in local]
+    # W&B's sections (helpers::wandb::panel_name): train/, val/, perf/; metrics.jsonl keeps the flat names.
+    assert [h.get("train/loss") for h in r["history"]] == [x.get("train.loss") for x in local]
+    assert [h.get("train/lr") for h in r["history"]] == [x.get("lr") for x in local]
+    assert [h.get("perf/tokens_per_s") for h in r["history"]] == [x.get("tokens_per_s") for x in local]
+    assert r["history"][3].get("train/skipped") is True, "the skipped step's row, merged into its step's line"
     cfg = r["upserts"][0]["config"]
     assert cfg["train"]["value"]["max_steps"] == int(STEPS) and cfg["model"]["value"]["num_hidden_layers"] == 2
     assert cfg["parameters"]["value"]["total"] > cfg["parameters"]["value"]["active"] > 0
     assert len(cfg["git"]["value"]["commit"]) == 40 and isinstance(cfg["git"]["value"]["dirty"], bool)
     assert r["upserts"][0]["commit"] == cfg["git"]["value"]["commit"]
-    assert r["summary"]["val.loss"] == local[-1]["val.loss"] and r["summary"]["_step"] == int(STEPS)
+    assert r["summary"]["val/loss"] == local[-1]["val.loss"] and r["summary"]["_step"] == int(STEPS)
+    assert 0 < r["summary"]["perf/mfu"] < 1 and "mfu" not in r["summary"]
     assert r["complete"] == 0
-    assert set(r["uploaded"]) >= {"config.yaml", "training_curves.png"}
+    assert set(r["uploaded"]) >= {"config.yaml", "training_curves.png", "wandb-metadata.json"}
     assert r["files"]["training_curves.png"][:4] == b"\x89PNG"
     no_key_in(run_dir)
 
@@ -159,6 +168,30 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run_bit_for_bit(uninterru
     assert wandb_server.steps(run_id) == list(range(0, int(STEPS) + 1))
     assert wandb_server.runs[run_id]["complete"] == 0 and wandb_server.violations == []
     no_key_in(run_dir)
+
+
+def test_sigterm_ends_after_the_step_with_a_checkpoint_marks_wandb_preempted_and_resumes_exactly(uninterrupted, tmp_path, wandb_server):
+    """A preempted pod: SIGTERM to the training process. It finishes its step, checkpoints there (not
+    at the last ckpt_every), marks the W&B run preempting and ends it with exit code 143; resuming
+    from that checkpoint repeats the uninterrupted run exactly and completes the same W&B run."""
+    reference, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    last, status = run_and_kill(EXPERIMENT, run_dir, TINY, 5, sig=signal.SIGTERM, **wandb_env(wandb_server))
+    assert status != 0, "a non-zero exit, so a scheduler requeues the job"
+    assert 5 <= last < int(STEPS)
+    log = (run_dir / "program.log").read_text()
+    assert f"step {last:5} | SIGTERM (preempted): training ends here" in log, log[-2000:]
+    state = json.loads((run_dir / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["step"] == last, "the checkpoint is of the step SIGTERM interrupted"
+    run_id = wandb_id_at(run_dir, last)
+    r = wandb_server.runs[run_id]
+    assert r.get("preempting") is True and r["complete"] == 143, "W&B: preempted, not crashed"
+    resumed = run_program(EXPERIMENT, run_dir, MOE_RESUME=str(run_dir), MOE_SET=TINY, **wandb_env(wandb_server))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {last}," in resumed.stdout
+    assert comparable(run_dir) == comparable(reference)
+    assert wandb_server.steps(run_id) == list(range(0, int(STEPS) + 1))
+    assert wandb_server.runs[run_id]["complete"] == 0 and wandb_server.violations == []
 
 
 def test_resume_with_a_different_model_is_an_error_naming_the_field(uninterrupted, tmp_path):
@@ -386,9 +419,11 @@ def test_wandb_sync_command_uploads_a_spool(uninterrupted, tmp_path):
 
 
 
-def run_and_kill(notebook: Path, run_dir: Path, overrides: str, at_step: int, **extra):
+def run_and_kill(notebook: Path, run_dir: Path, overrides: str, at_step: int, sig=signal.SIGKILL, **extra):
     """Starts a STEPS-step run of the notebook's program and SIGKILLs it (and setup.sh, which started
-    it) once step `at_step` is logged: no cleanup runs anywhere. Returns the last logged step."""
+    it) once step `at_step` is logged: no cleanup runs anywhere. Returns the last logged step.
+    With `sig=signal.SIGTERM` only the program gets the signal (as a preempted pod's main process),
+    and the run ends on its own; returns (last logged step, exit status of setup.sh)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_")}
     env.update(MOE_RUN_DIR=str(run_dir), MOE_DEVICE="cpu", MOE_PRESET="cpu", MOE_STEPS=STEPS, MOE_SET=overrides, **extra)
     proc = subprocess.Popen(["bash", str(ROOT / "setup.sh"), "run", "--program", str(notebook)], cwd=ROOT, env=env,
@@ -401,9 +436,11 @@ def run_and_kill(notebook: Path, run_dir: Path, overrides: str, at_step: int, **
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
     for pid in processes_with_env("MOE_RUN_DIR", str(run_dir)):
-        os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    return max(r["step"] for r in rows(run_dir))
+        if sig == signal.SIGKILL or Path(f"/proc/{pid}/comm").read_text().strip() not in ("bash", "tee"):
+            os.kill(pid, sig)
+    status = proc.wait(timeout=120)
+    last = max(r["step"] for r in rows(run_dir))
+    return last if sig == signal.SIGKILL else (last, status)
 
 
 @pytest.mark.parametrize("notebook", [p for p in sorted((ROOT / "experiments").glob("*/experiment.ipynb")) if p != EXPERIMENT],

@@ -26,6 +26,8 @@
 //! - [`sweep`]: grids over config fields run headlessly, collected into a table and loss plots.
 //! - [`memory`]: resident memory and its peak (what activation checkpointing saves on CPU).
 //! - [`perf`]: FLOPs per token and a GEMM peak measured in-process, for MFU.
+//! - [`stop`]: ending training after the current step with a checkpoint, on SIGTERM (preemption)
+//!   or the W&B Stop button, the same step on every rank.
 //! - [`wandb`]: a Weights & Biases client on reqwest: background uploads from an on-disk spool,
 //!   retries, offline mode and `sync`, resume, files. The key never leaves memory and the W&B host.
 //!
@@ -51,6 +53,7 @@ pub mod progress;
 pub mod run;
 pub mod runtime;
 pub mod shards;
+pub mod stop;
 pub mod sweep;
 pub mod wandb;
 

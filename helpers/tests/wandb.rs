@@ -28,6 +28,8 @@ struct FakeRun {
     history: Vec<String>,
     summary: Option<String>,
     complete: Option<i64>,
+    /// A request said `"preempting": true` (before `complete`, if any).
+    preempting: bool,
     uploaded: Vec<String>,
     files: HashMap<String, Vec<u8>>,
 }
@@ -216,6 +218,9 @@ fn handle(st: &Mutex<State>, base: &str, method: &str, path: &str, headers: &Has
         for u in req["uploaded"].as_array().into_iter().flatten() {
             run.uploaded.push(u.as_str().unwrap().to_string());
         }
+        if req["preempting"] == true {
+            run.preempting = run.complete.is_none();
+        }
         if req["complete"] == true {
             run.complete = req["exitcode"].as_i64();
         }
@@ -250,6 +255,10 @@ fn log_rows(run: &mut wandb::Run, steps: std::ops::Range<i64>) {
         let mut row = Row::from_json(&json!({"step": step, "train": {"loss": 10.0 - step as f64 * 0.1}, "lr": 1e-3}));
         if step == 3 {
             row = row.with("grad_norm", f64::NAN).with("big", f64::INFINITY).with("small", f64::NEG_INFINITY);
+        }
+        if step == 4 {
+            // A notebook's row: json! turns a NaN into null, which goes out as NaN, not null.
+            row = Row::from_json(&json!({"step": step, "train": {"loss": f64::NAN}, "lr": 1e-3}));
         }
         run.log(row).unwrap();
     }
@@ -292,7 +301,8 @@ fn online_run_sends_config_history_summary_files_and_complete() {
     assert_eq!(fake.violations(), Vec::<String>::new());
     let r = fake.run(&id);
     assert_eq!(steps_of(&r), (0..20).collect::<Vec<_>>());
-    assert!(r.history[3].contains(r#""grad_norm":NaN"#) && r.history[3].contains(r#""big":Infinity"#) && r.history[3].contains(r#""small":-Infinity"#), "{}", r.history[3]);
+    assert!(r.history[3].contains(r#""train/grad_norm":NaN"#) && r.history[3].contains(r#""big":Infinity"#) && r.history[3].contains(r#""small":-Infinity"#), "{}", r.history[3]);
+    assert!(r.history[4].contains(r#""train/loss":NaN"#) && !r.history[4].contains("null"), "{}", r.history[4]);
     let config: Value = serde_json::from_str(r.upserts[0]["config"].as_str().unwrap()).unwrap();
     assert_eq!(config["model"]["value"]["hidden_size"], 64);
     assert_eq!(r.upserts[0]["project"], "test-project");
@@ -300,14 +310,18 @@ fn online_run_sends_config_history_summary_files_and_complete() {
     let summary = unnan(r.summary.as_ref().unwrap());
     assert_eq!(summary["_step"], 19);
     assert_eq!(summary["best_val"], 1.25);
-    assert_eq!(summary["grad_norm"], "NaN", "the last value of every key");
-    assert!(summary["train.loss"].as_f64().unwrap() < 8.2);
+    assert_eq!(summary["train/grad_norm"], "NaN", "the last value of every key");
+    assert!(summary["train/loss"].as_f64().unwrap() < 8.2);
+    assert_eq!(summary["train/lr"], 1e-3, "W&B's sections: {summary}");
     assert!(summary["_wandb"]["runtime"].is_i64());
     assert_eq!(r.complete, Some(0));
     let mut uploaded = r.uploaded.clone();
     uploaded.sort();
-    assert_eq!(uploaded, vec!["config.yaml", "training_curves.png"]);
+    assert_eq!(uploaded, vec!["config.yaml", "training_curves.png", "wandb-metadata.json"]);
     assert_eq!(r.files["training_curves.png"], b"\x89PNG fake");
+    let meta: Value = serde_json::from_slice(&r.files["wandb-metadata.json"]).unwrap();
+    assert!(meta["os"].as_str().unwrap().starts_with("Linux-") && meta["host"].is_string() && meta["startedAt"].is_string(), "{meta}");
+    assert!(meta["git"]["commit"].as_str().is_some_and(|c| c.len() == 40), "the project's commit: {meta}");
     let yaml: Value = serde_json::from_slice(&r.files["config.yaml"]).unwrap();
     assert_eq!(yaml["wandb_version"], 1);
     assert_eq!(yaml["train"]["value"]["lr"], 0.001);
@@ -411,6 +425,65 @@ fn offline_then_sync_sends_what_online_sends() {
     assert_eq!(summary(&a), summary(&b));
 }
 
+/// A skipped step logs its own row, and that step's log row follows: the server gets one line
+/// with both (as the official client merges a step's rows), also when the uploader would have
+/// sent the first row on its own before the second arrived, and from `sync`.
+#[test]
+fn rows_of_one_step_go_out_as_one_line() {
+    let fake = Fake::start();
+    let log = |run: &mut wandb::Run| {
+        log_rows(run, 0..2);
+        run.log(Row::from_json(&json!({"step": 2, "skipped": true, "skipped_steps": 1}))).unwrap();
+        std::thread::sleep(Duration::from_millis(400)); // several upload intervals
+        run.log(Row::from_json(&json!({"step": 2, "train": {"loss": 5.0}}))).unwrap();
+        log_rows(run, 3..4);
+        std::thread::sleep(Duration::from_millis(400));
+    };
+    let check = |r: &FakeRun| {
+        assert_eq!(steps_of(r), vec![0, 1, 2, 3]);
+        let row = unnan(&r.history[2]);
+        assert_eq!((row["train/skipped"].as_bool(), row["train/skipped_steps"].as_i64(), row["train/loss"].as_f64()), (Some(true), Some(1), Some(5.0)), "{row}");
+    };
+    let d = tempfile::tempdir().unwrap();
+    let mut s = settings(&fake.url, Mode::Online);
+    s.run_id = Some("merged00".into());
+    let mut run = wandb::start(d.path(), s, &config(), None).unwrap();
+    log(&mut run);
+    assert_eq!(run.finish(0).unwrap(), wandb::FinishReport { rows: 4, rows_sent: 4, rows_only_local: 0, complete: true });
+    check(&fake.run("merged00"));
+
+    let d = tempfile::tempdir().unwrap();
+    let mut s = settings(&fake.url, Mode::Offline);
+    s.run_id = Some("merged01".into());
+    let mut run = wandb::start(d.path(), s, &config(), None).unwrap();
+    log(&mut run);
+    run.finish(0).unwrap();
+    assert_eq!(wandb::sync(d.path(), &settings(&fake.url, Mode::Online)).unwrap().rows_sent, 4);
+    check(&fake.run("merged01"));
+    assert_eq!(fake.violations(), Vec::<String>::new());
+}
+
+/// SIGTERM: the run is marked preempting (as the official client's `mark_preempting`), then ends
+/// with exit code 143, so W&B does not show it as crashed.
+#[test]
+fn a_preempted_run_is_marked_preempting_then_failed_with_143() {
+    let fake = Fake::start();
+    let d = tempfile::tempdir().unwrap();
+    let mut run = wandb::start(d.path(), settings(&fake.url, Mode::Online), &config(), None).unwrap();
+    let id = run.id().unwrap().to_string();
+    log_rows(&mut run, 0..3);
+    run.mark_preempting().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fake.run(&id).preempting && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(fake.run(&id).preempting, "preempting is sent at once, before the finish");
+    assert!(run.finish(143).unwrap().complete);
+    let r = fake.run(&id);
+    assert_eq!((r.complete, steps_of(&r)), (Some(143), vec![0, 1, 2]));
+    assert_eq!(fake.violations(), Vec::<String>::new());
+}
+
 #[test]
 fn a_resumed_run_continues_the_same_history() {
     let fake = Fake::start();
@@ -424,7 +497,8 @@ fn a_resumed_run_continues_the_same_history() {
     let mut run = wandb::start(d.path(), settings(&fake.url, Mode::Online), &config(), Some(&id)).unwrap();
     assert_eq!(run.id(), Some(id.as_str()));
     log_rows(&mut run, 9..16);
-    assert!(run.finish(0).unwrap().complete);
+    let report = run.finish(0).unwrap();
+    assert!(report.complete && report.rows_only_local == 0, "{report:?}");
     assert_eq!(fake.violations(), Vec::<String>::new());
     let r = fake.run(&id);
     assert_eq!(steps_of(&r), (0..16).collect::<Vec<_>>());
@@ -476,7 +550,7 @@ fn storage_refusals_skip_the_file_and_never_stop_the_metrics() {
     assert_eq!(steps_of(&r), (0..10).collect::<Vec<_>>(), "every row arrived");
     let mut uploaded = r.uploaded.clone();
     uploaded.sort();
-    assert_eq!(uploaded, vec!["config.yaml", "slow.png"], "the refused file is skipped, the slow one retried");
+    assert_eq!(uploaded, vec!["config.yaml", "slow.png", "wandb-metadata.json"], "the refused file is skipped, the slow one retried");
     assert_eq!(r.files["slow.png"], b"slow.png");
     assert!(fake.state.lock().unwrap().upload_faults.values().all(|f| f.is_empty()));
 }

@@ -15,6 +15,7 @@
 //! the spool later with the same code. `disabled` (the default without a key) does nothing.
 //! The API key lives only in memory and in the `Authorization` header sent to the W&B host.
 mod api;
+pub mod metadata;
 mod spool;
 mod uploader;
 
@@ -29,6 +30,31 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use uploader::Uploader;
+
+/// The name a metric gets on the W&B run page. W&B groups panels by the part before the first
+/// `/`, so the notebook's flat names (`metrics.jsonl` keeps them) become sections: `train.loss` ->
+/// `train/loss`, `val.accuracy` -> `val/accuracy`, `lr` -> `train/lr`, `grad_norm.experts` ->
+/// `train/grad_norm.experts`, `tokens_per_s` -> `perf/tokens_per_s`, `mfu.datasheet` ->
+/// `perf/mfu.datasheet`, `memory.peak_rss_gib` -> `perf/memory.peak_rss_gib`,
+/// `expert_usage.3.7` -> `expert_usage/3.7`. Any other dotted name splits at its first dot; a
+/// plain name, `step` and W&B's own `_step`/`_runtime` keep theirs.
+pub fn panel_name(key: &str) -> String {
+    const TRAIN: &[&str] = &["lr", "aux_coef", "tokens", "grad_norm", "skipped", "skipped_steps", "nonfinite"];
+    const PERF: &[&str] = &["tokens_per_s", "mfu", "batch_time", "data_time", "fwd_time", "bwd_time", "comm_time", "memory"];
+    if key == "step" || key.starts_with('_') || key.contains('/') {
+        return key.to_string();
+    }
+    let head = key.split('.').next().unwrap_or(key);
+    if TRAIN.contains(&head) {
+        format!("train/{key}")
+    } else if PERF.contains(&head) {
+        format!("perf/{key}")
+    } else if let Some((head, rest)) = key.split_once('.') {
+        format!("{head}/{rest}")
+    } else {
+        key.to_string()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -262,6 +288,8 @@ pub fn start(run_dir: &Path, settings: Settings, config: &serde_json::Value, res
         }
     }
     run.save_bytes("config.yaml", serde_json::to_string_pretty(&yaml)?.as_bytes())?;
+    // The Overview page's machine and code: OS, host, command, git, CPUs, memory, GPUs, CUDA.
+    run.save_bytes("wandb-metadata.json", serde_json::to_string_pretty(&metadata::metadata(&root, "experiment.ipynb"))?.as_bytes())?;
 
     if settings.mode == Mode::Offline {
         println!("wandb: offline; run {id} spooled to {} (upload later: bash setup.sh wandb-sync {})", spool_path.display(), run_dir.display());
@@ -274,7 +302,8 @@ pub fn start(run_dir: &Path, settings: Settings, config: &serde_json::Value, res
     let files_dir = dir.join("files");
     run.thread = Some(std::thread::Builder::new().name("wandb-uploader".into()).spawn(move || {
         // Whether to ask the server what it already has comes from the spool's run record.
-        let up = Uploader::new(client, spool_path, files_dir, false, s.heartbeat);
+        let mut up = Uploader::new(client, spool_path, files_dir, false, s.heartbeat);
+        up.hold_newest = true;
         upload_loop(up, rx, status, &s);
     })?);
     run.tx = Some(tx);
@@ -366,15 +395,17 @@ impl Run {
         self.status.lock().unwrap().stopped
     }
 
-    /// Logs one history row. `_step` is the row's integer `step` when it has one (else the next
-    /// step); `_runtime` and `_timestamp` are added. Writes one line to the spool; never waits for
-    /// the network.
-    pub fn log(&mut self, mut row: Row) -> Result<()> {
+    /// Logs one history row under the run page's names ([`panel_name`]). `_step` is the row's
+    /// integer `step` when it has one (else the next step); `_runtime` and `_timestamp` are added.
+    /// Rows with the same step reach the server as one line. Writes one line to the spool; never
+    /// waits for the network.
+    pub fn log(&mut self, row: Row) -> Result<()> {
         let Some(spool) = &mut self.spool else { return Ok(()) };
         let step = match row.0.get("step") {
             Some(Metric::Int(s)) => *s,
             _ => self.last_step + 1,
         };
+        let mut row = Row(row.0.into_iter().map(|(k, v)| (panel_name(&k), v)).collect());
         self.last_step = self.last_step.max(step);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         row.0.insert("_step".into(), Metric::Int(step));
@@ -384,10 +415,21 @@ impl Run {
         spool.append(&Record::History { step, values })
     }
 
+    /// Marks the run preempting (the process got SIGTERM and is about to end): W&B shows it so,
+    /// not as crashed, until it finishes or a resumed process continues it.
+    pub fn mark_preempting(&mut self) -> Result<()> {
+        let Some(spool) = &mut self.spool else { return Ok(()) };
+        spool.append(&Record::Preempting)?;
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(()); // send it now rather than at the next batch
+        }
+        Ok(())
+    }
+
     /// Sets summary values (merged with the last value of every logged key).
     pub fn summary(&mut self, row: Row) -> Result<()> {
         let Some(spool) = &mut self.spool else { return Ok(()) };
-        spool.append(&Record::Summary { values: row.0.iter().map(|(k, v)| (k.clone(), v.to_json_text())).collect() })
+        spool.append(&Record::Summary { values: row.0.iter().map(|(k, v)| (panel_name(k), v.to_json_text())).collect() })
     }
 
     /// Uploads a file as a run file (snapshotted now under `<run>/wandb/files/`).
@@ -417,7 +459,7 @@ impl Run {
         self.finished = true;
         self.spool.as_mut().unwrap().append(&Record::Finish { exitcode })?;
         let spool = wandb_dir(&self.run_dir).join("spool.jsonl");
-        let rows = spool::SpoolReader::new(&spool).read_new()?.iter().filter(|r| matches!(r, Record::History { .. })).count();
+        let rows = spool::history_lines(&spool::SpoolReader::new(&spool).read_new()?);
         if self.mode == Mode::Offline {
             println!("wandb: offline run {} finished; {rows} rows in {} (upload: bash setup.sh wandb-sync {})", self.id.as_deref().unwrap_or(""), spool.display(), self.run_dir.display());
             return Ok(FinishReport { rows, rows_sent: 0, rows_only_local: rows, complete: false });
@@ -490,4 +532,24 @@ pub fn sync(run_dir: &Path, settings: &Settings) -> Result<FinishReport> {
         crate::run::write_atomic(&marker, spool_len.to_string().as_bytes())?;
     }
     Ok(FinishReport { rows: up.lines_seen, rows_sent: up.lines_done, rows_only_local: up.lines_seen - up.lines_done, complete: up.complete_sent })
+}
+
+#[cfg(test)]
+mod names {
+    use super::panel_name;
+
+    #[test]
+    fn metrics_get_the_sections_w_and_b_groups_panels_by() {
+        for (key, name) in [
+            ("train.loss", "train/loss"), ("train.aux_loss", "train/aux_loss"), ("val.loss", "val/loss"),
+            ("lr", "train/lr"), ("grad_norm", "train/grad_norm"), ("grad_norm.experts", "train/grad_norm.experts"),
+            ("tokens", "train/tokens"), ("skipped_steps", "train/skipped_steps"), ("nonfinite.first", "train/nonfinite.first"),
+            ("tokens_per_s", "perf/tokens_per_s"), ("mfu", "perf/mfu"), ("mfu.datasheet", "perf/mfu.datasheet"),
+            ("memory.peak_rss_gib", "perf/memory.peak_rss_gib"), ("expert_usage.3.7", "expert_usage/3.7"),
+            ("interp.consistency.0", "interp/consistency.0"), ("step", "step"), ("_step", "_step"),
+            ("best_val", "best_val"), ("already/grouped", "already/grouped"), ("mfu_note", "mfu_note"),
+        ] {
+            assert_eq!(panel_name(key), name, "{key}");
+        }
+    }
 }

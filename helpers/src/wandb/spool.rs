@@ -45,9 +45,14 @@ impl From<bool> for Metric {
         Self::Json(v.into())
     }
 }
+/// A JSON value as a metric. JSON has no NaN or infinity, and serde_json's `json!` writes a
+/// non-finite `f64` as `null`, so a `null` (a diverged loss, a metric undefined for the last layer)
+/// goes to W&B as NaN, which it charts as a gap, as the official client sends a NaN; a row that
+/// must keep an infinity's sign uses [`Row::with`].
 impl From<serde_json::Value> for Metric {
     fn from(v: serde_json::Value) -> Self {
         match &v {
+            serde_json::Value::Null => Self::Float(f64::NAN),
             serde_json::Value::Number(n) if n.is_i64() => Self::Int(n.as_i64().unwrap()),
             serde_json::Value::Number(n) => Self::Float(n.as_f64().unwrap_or(f64::NAN)),
             _ => Self::Json(v),
@@ -112,6 +117,28 @@ pub fn object_text<'a>(entries: impl Iterator<Item = (&'a str, String)>) -> Stri
     format!("{{{}}}", body.join(","))
 }
 
+/// The history lines a spool's records make, as the uploader forms them: consecutive rows of one
+/// step are one line, and a resumed process's rows replace the rows an earlier process logged for
+/// the same or later steps.
+pub fn history_lines(records: &[Record]) -> usize {
+    let (mut lines, mut process) = (Vec::<(i64, usize)>::new(), 0);
+    for r in records {
+        match r {
+            Record::Run(_) => process += 1,
+            Record::History { step, .. } => {
+                while lines.last().is_some_and(|&(s, p)| s >= *step && p != process) {
+                    lines.pop();
+                }
+                if lines.last().map(|l| l.0) != Some(*step) {
+                    lines.push((*step, process));
+                }
+            }
+            _ => {}
+        }
+    }
+    lines.len()
+}
+
 /// What is spooled. Field names are short because a long run writes many history lines.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
@@ -124,6 +151,9 @@ pub enum Record {
     Summary { values: BTreeMap<String, String> },
     /// A file to upload, snapshotted under `<run>/wandb/files/<name>`.
     File { name: String },
+    /// The process is going away (SIGTERM): W&B shows the run as preempting until it finishes or
+    /// a resumed process continues it.
+    Preempting,
     /// The run ended with this exit code.
     Finish { exitcode: i32 },
 }

@@ -15,6 +15,14 @@ use std::time::{Duration, Instant};
 const MAX_LINES: usize = 1000;
 const MAX_BYTES: usize = 8 << 20; // under W&B's 10 MiB request limit
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Preempting {
+    No,
+    ToSend,
+    InFlight,
+    Sent,
+}
+
 struct InFlight {
     body: String,
     lines: usize,
@@ -35,7 +43,17 @@ pub struct Uploader {
     pub created: Option<(String, String)>,
     offset: i64,
     server_last_step: i64,
-    pending: VecDeque<(i64, String)>,
+    /// Rows not yet sent, oldest first. Rows logged with the same step are merged into one line
+    /// (a skipped step and that step's log row), as the official client does.
+    pending: VecDeque<(i64, BTreeMap<String, String>)>,
+    preempting: Preempting,
+    /// Which process (run record) wrote each pending row, parallel to `pending`.
+    pending_process: VecDeque<u32>,
+    process: u32,
+    /// Keep the newest row back until a later step (or the finish) arrives, so a row logged with
+    /// its step's number a moment later still merges into it rather than going out as a second
+    /// line with the same `_step`. The live client holds; `sync` of a finished spool does not.
+    pub hold_newest: bool,
     inflight: Option<InFlight>,
     summary: BTreeMap<String, String>,
     summary_dirty: bool,
@@ -63,7 +81,7 @@ impl Uploader {
     pub fn new(client: Client, spool: PathBuf, files_dir: PathBuf, check_server: bool, heartbeat: Duration) -> Self {
         Self {
             client, reader: SpoolReader::new(&spool), files_dir, check_server, run: None, need_upsert: false, created: None,
-            offset: 0, server_last_step: -1, pending: VecDeque::new(), inflight: None, summary: BTreeMap::new(),
+            offset: 0, server_last_step: -1, pending: VecDeque::new(), preempting: Preempting::No, pending_process: VecDeque::new(), process: 0, hold_newest: false, inflight: None, summary: BTreeMap::new(),
             summary_dirty: false, files: VecDeque::new(), uploaded: Vec::new(), finish: None, complete_sent: false,
             fatal: None, stopped: false, lines_seen: 0, lines_done: 0, last_post: Instant::now(), heartbeat,
             skipped_files: Vec::new(), file_failures: 0, file_retry_at: None,
@@ -85,23 +103,37 @@ impl Uploader {
         for r in records {
             match r {
                 Record::Run(info) => {
+                    self.process += 1;
                     self.check_server |= info.resumed;
                     self.run = Some(info);
                     self.need_upsert = true;
                 }
+                // The summary takes a row's values when the row is sent (next_request): a row held
+                // back must not show in the summary's `_step`, which a resumed run reads as the
+                // last step the server has.
                 Record::History { step, values } => {
-                    self.lines_seen += 1;
-                    for (k, v) in &values {
-                        self.summary.insert(k.clone(), v.clone());
+                    // A resumed process logs again the steps after its checkpoint: they replace the
+                    // unsent rows an earlier process left for those steps (its held newest row).
+                    while self.pending.back().is_some_and(|(s, _)| *s >= step) && self.pending_process.back() != Some(&self.process) {
+                        self.pending.pop_back();
+                        self.pending_process.pop_back();
+                        self.lines_seen -= 1;
                     }
-                    self.summary_dirty = true;
-                    self.pending.push_back((step, object_text(values.iter().map(|(k, v)| (k.as_str(), v.clone())))));
+                    match self.pending.back_mut() {
+                        Some((s, row)) if *s == step => row.extend(values),
+                        _ => {
+                            self.lines_seen += 1;
+                            self.pending.push_back((step, values));
+                            self.pending_process.push_back(self.process);
+                        }
+                    }
                 }
                 Record::Summary { values } => {
                     self.summary.extend(values);
                     self.summary_dirty = true;
                 }
                 Record::File { name } => self.files.push_back(name),
+                Record::Preempting => self.preempting = Preempting::ToSend,
                 Record::Finish { exitcode } => self.finish = Some(exitcode),
             }
         }
@@ -203,23 +235,32 @@ impl Uploader {
     fn next_request(&mut self) -> Option<InFlight> {
         // Rows the server already has (a resumed run re-logging the steps after its checkpoint).
         while self.pending.front().is_some_and(|(s, _)| *s <= self.server_last_step) {
-            self.pending.pop_front();
+            let (_, row) = self.pending.pop_front().unwrap();
+            self.pending_process.pop_front();
+            self.summary.extend(row); // sent before; the summary keeps the last value of every key
             self.lines_done += 1;
         }
         let (mut lines, mut bytes, mut last_step) = (Vec::new(), 0, self.server_last_step);
-        while let Some((step, line)) = self.pending.front() {
+        let held = usize::from(self.hold_newest && self.finish.is_none());
+        while self.pending.len() > held {
+            let (step, row) = self.pending.front().unwrap();
+            let line = object_text(row.iter().map(|(k, v)| (k.as_str(), v.clone())));
             if lines.len() >= MAX_LINES || (bytes + line.len() > MAX_BYTES && !lines.is_empty()) {
                 break;
             }
             bytes += line.len();
             last_step = *step;
-            lines.push(line.clone());
-            self.pending.pop_front();
+            lines.push(line);
+            let (_, row) = self.pending.pop_front().unwrap();
+            self.pending_process.pop_front();
+            self.summary.extend(row);
+            self.summary_dirty = true;
         }
         let drained = self.pending.is_empty() && self.files.is_empty();
         let complete = drained && self.finish.is_some() && !self.complete_sent;
         let heartbeat_due = self.last_post.elapsed() >= self.heartbeat && !self.complete_sent;
-        if lines.is_empty() && !self.summary_dirty && self.uploaded.is_empty() && !complete && !heartbeat_due {
+        let preempting = self.preempting == Preempting::ToSend;
+        if lines.is_empty() && !self.summary_dirty && self.uploaded.is_empty() && !complete && !heartbeat_due && !preempting {
             return None;
         }
         let mut files = serde_json::Map::new();
@@ -235,6 +276,11 @@ impl Uploader {
         }
         if !self.uploaded.is_empty() {
             body.insert("uploaded".into(), json!(self.uploaded));
+        }
+        if preempting {
+            // As the official client's mark_preempting: the run shows as preempting, not crashed.
+            body.insert("preempting".into(), json!(true));
+            self.preempting = Preempting::InFlight;
         }
         if complete {
             body.insert("complete".into(), json!(true));
@@ -266,8 +312,12 @@ impl Uploader {
         self.server_last_step = self.server_last_step.max(req.last_step);
         self.uploaded.drain(..req.uploaded);
         self.complete_sent |= req.complete;
+        if self.preempting == Preempting::InFlight {
+            self.preempting = Preempting::Sent;
+        }
         self.stopped |= resp["stopped"].as_bool().unwrap_or(false);
         self.last_post = Instant::now();
-        Ok(!self.pending.is_empty() || (self.finish.is_some() && !self.complete_sent))
+        let held = usize::from(self.hold_newest && self.finish.is_none());
+        Ok(self.pending.len() > held || (self.finish.is_some() && !self.complete_sent))
     }
 }
