@@ -291,6 +291,24 @@ PY
   say "rust kernel registered in .venv (LD_LIBRARY_PATH=torch/lib, LIBTORCH_USE_PYTORCH=1)"
 }
 
+# The optimisation level of a notebook's own cells in the kernel (evcxr compiles every cell, with
+# all the items defined above it, as the crate `ctx`). A cell's work is libtorch calls, whose speed
+# does not depend on it, while its compile time does: the base notebook's 20-step run took 132 s at
+# level 0 and 165 s at evcxr's default 2 (cells such as the model's 3 s instead of 10 s), with the
+# same losses and tokens/s. Dependencies (tch, helpers, tokenizers) stay at evcxr's level 2.
+# MOE_CELL_OPT_LEVEL=2 bash setup.sh for cells with heavy loops of Rust of their own.
+kernel_cell_profile() {
+  local level="${MOE_CELL_OPT_LEVEL:-0}" dir="$ROOT/target/evcxr-kernels/.cargo"
+  [[ "$level" =~ ^[0-3sz]$ ]] || die "MOE_CELL_OPT_LEVEL=$level: use 0, 1, 2, 3, s or z"
+  local text="# Written by setup.sh (MOE_CELL_OPT_LEVEL): the kernel compiles notebook cells (crate ctx) at
+# this level; cargo reads this file from every kernel build slot below it.
+[profile.dev.package.ctx]
+opt-level = $([[ "$level" =~ ^[0-3]$ ]] && echo "$level" || echo "\"$level\"")
+"
+  mkdir -p "$dir"
+  [ "$(cat "$dir/config.toml" 2>/dev/null)" = "${text%$'\n'}" ] || printf '%s' "$text" > "$dir/config.toml"
+}
+
 build_helpers() {
   local t0=$SECONDS rebuilt
   say "helpers: checking the build (first time: tch's C++ glue, ~3 min)"
@@ -300,6 +318,7 @@ build_helpers() {
     || die "building helpers failed (see the errors above)"
   rebuilt=$(grep -c '"fresh":false' "$log" || true)
   if [ "$rebuilt" = 0 ]; then say "helpers: up to date"; else say "helpers: built $rebuilt crates ($((SECONDS - t0))s)"; fi
+  kernel_cell_profile
   # Warm the kernel's build directory with the notebooks' dependencies, so the first notebook run
   # does not spend minutes compiling tch inside the kernel.
   local warm="$ROOT/target/evcxr-kernels/0/target"
