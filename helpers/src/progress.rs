@@ -1,6 +1,6 @@
 //! Progress for long jobs (downloads, tokenization): an indicatif bar in a terminal, and in a
-//! notebook or a log file (where a bar would be invisible or garbage) one plain line every
-//! `every` seconds and at the end.
+//! notebook or a log file (where a bar would be invisible or garbage) one plain line on stdout every
+//! `every` seconds and at the end (stdout: JupyterLab shows stderr in a red box, as an error).
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -28,11 +28,11 @@ impl Progress {
                 None => ProgressBar::new_spinner(),
             };
             let tpl = if unit == "bytes" {
-                "{prefix} {bar:30} {bytes}/{total_bytes} [{elapsed_precise}<{eta_precise}] {bytes_per_sec} {msg}"
+                "{prefix} {bar:30} {bytes}/{total_bytes} [{elapsed_precise}<{eta_precise}] {bytes_per_sec} {msg}".to_string()
             } else {
-                "{prefix} {bar:30} {human_pos}/{human_len} {msg} [{elapsed_precise}<{eta_precise}]"
+                format!("{{prefix}} {{bar:30}} {{human_pos}}/{{human_len}} {unit} {{msg}} [{{elapsed_precise}}<{{eta_precise}}]")
             };
-            bar.set_style(ProgressStyle::with_template(tpl).unwrap_or_else(|_| ProgressStyle::default_bar()));
+            bar.set_style(ProgressStyle::with_template(&tpl).unwrap_or_else(|_| ProgressStyle::default_bar()));
             bar.set_prefix(label.to_string());
             bar
         });
@@ -48,7 +48,7 @@ impl Progress {
         p
     }
 
-    /// Moves to `pos` with a message (rates, counts).
+    /// Moves to `pos` with a message (rates, counts; the unit is shown already).
     pub fn set(&mut self, pos: u64, msg: String) {
         self.pos = pos;
         if let Some(b) = &self.bar {
@@ -78,9 +78,15 @@ impl Progress {
         } else {
             (self.pos.to_string(), self.total.map(|t| t.to_string()))
         };
+        println!("{}", self.line(pos, total, secs));
+    }
+
+    /// `label: 42 of 100 docs in 3s, <msg>`.
+    fn line(&self, pos: String, total: Option<String>, secs: f64) -> String {
         let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
-        let unit = if self.unit == "bytes" { "" } else { self.unit };
-        eprintln!("{}: {pos}{of} {unit} in {:.0}s {}", self.label, secs, self.msg);
+        let unit = if self.unit == "bytes" { String::new() } else { format!(" {}", self.unit) };
+        let msg = if self.msg.is_empty() { String::new() } else { format!(", {}", self.msg.trim_start_matches(", ")) };
+        format!("{}: {pos}{of}{unit} in {secs:.0}s{msg}", self.label)
     }
 }
 
@@ -96,9 +102,24 @@ impl hf_hub::api::Progress for Progress {
     fn update(&mut self, size: usize) {
         let pos = self.pos + size as u64;
         let rate = pos as f64 / 1e6 / self.started.elapsed().as_secs_f64().max(1e-9);
-        self.set(pos, if self.lines { format!("({rate:.1} MB/s)") } else { String::new() });
+        self.set(pos, if self.lines { format!("{rate:.1} MB/s") } else { String::new() });
     }
     fn finish(&mut self) {
         Progress::finish(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_line_names_the_unit_once() {
+        let mut p = Progress::new("[1/1] a.parquet", Some(100), "docs");
+        p.msg = "0.01M tokens, 12k tokens/s".into();
+        assert_eq!(p.line("42".into(), Some("100".into()), 1.2), "[1/1] a.parquet: 42 of 100 docs in 1s, 0.01M tokens, 12k tokens/s");
+        p.unit = "bytes";
+        p.msg = String::new();
+        assert_eq!(p.line("1.5 MB".into(), None, 3.0), "[1/1] a.parquet: 1.5 MB in 3s");
     }
 }

@@ -280,7 +280,7 @@ impl Process {
                     bar.set(
                         seen,
                         format!(
-                            "docs, {:.2}M tokens, {:.0}k tokens/s, {:.1} MB/s",
+                            "{:.2}M tokens, {:.0}k tokens/s, {:.1} MB/s",
                             tokens as f64 / 1e6,
                             tokens as f64 / secs / 1e3,
                             bytes as f64 / 1e6 / secs
