@@ -210,8 +210,7 @@ pub fn read_tensors(dir: impl AsRef<Path>) -> Result<BTreeMap<String, Tensor>> {
     // prefix ("model.layers.3.mlp") -> expert -> part ("gate_proj", "up_proj", "down_proj") -> (out, in)
     let mut experts: BTreeMap<String, BTreeMap<i64, BTreeMap<String, Tensor>>> = BTreeMap::new();
     for file in weight_files(&dir)? {
-        let tensors = Tensor::read_safetensors(&file).with_cause(|| format!("cannot read {}", file.display()))?;
-        for (name, t) in tensors {
+        for (name, t) in read_file(&file)? {
             match per_expert_name(&name) {
                 Some((prefix, j, part)) => {
                     experts.entry(prefix).or_default().entry(j).or_default().insert(part, t);
@@ -235,6 +234,122 @@ pub fn read_tensors(dir: impl AsRef<Path>) -> Result<BTreeMap<String, Tensor>> {
         out.insert(format!("{prefix}.experts.down_proj"), Tensor::stack(&down, 0));
     }
     Ok(out)
+}
+
+/// The tensors of one safetensors file, memory-mapped (the `safetensors` crate): each tensor is
+/// copied once out of the page cache, and the file is never read whole into memory (tch's
+/// `read_safetensors` reads it all first, twice the checkpoint's size at the peak).
+pub fn read_file(file: &Path) -> Result<Vec<(String, Tensor)>> {
+    let f = std::fs::File::open(file).with_cause(|| format!("cannot open {}", file.display()))?;
+    // SAFETY: the map is read-only and dropped before returning; a checkpoint changed on disk while
+    // it is read is the caller's race, as with any reader.
+    let map = unsafe { memmap2::Mmap::map(&f) }.with_cause(|| format!("cannot map {}", file.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&map).with_cause(|| format!("{} is not a safetensors file", file.display()))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let t = Tensor::try_from(view).with_cause(|| format!("{}: tensor {name}", file.display()))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// The largest shard an export writes before splitting (transformers' `max_shard_size="5GB"`).
+pub const MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// One contiguous CPU tensor as the safetensors writer sees it (borrowed, not copied).
+struct Bytes<'a> {
+    tensor: &'a Tensor,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    len: usize,
+}
+
+impl<'a> Bytes<'a> {
+    fn new(name: &str, tensor: &'a Tensor) -> Result<Self> {
+        ensure!(tensor.device() == tch::Device::Cpu && tensor.is_contiguous(), "{name}: only contiguous CPU tensors are written");
+        let dtype = safetensors::Dtype::try_from(tensor.kind()).with_cause(|| format!("{name}: no safetensors dtype for {:?}", tensor.kind()))?;
+        let len = tensor.numel() * tensor.kind().elt_size_in_bytes();
+        Ok(Self { tensor, dtype, shape: tensor.size().iter().map(|&d| d as usize).collect(), len })
+    }
+}
+
+impl safetensors::View for &Bytes<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.len == 0 {
+            return std::borrow::Cow::Borrowed(&[]);
+        }
+        // SAFETY: a contiguous CPU tensor (checked in `new`) owns `len` bytes at data_ptr, and it
+        // outlives this borrow.
+        std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.len) })
+    }
+    fn data_len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Writes `named` (contiguous CPU tensors) into `dir` as transformers does: `model.safetensors`, or,
+/// past `max_shard_bytes`, shards `model-00001-of-0000N.safetensors` and the index
+/// `model.safetensors.index.json`; every file's header carries `{"format": "pt"}`. Each file is
+/// written to a temporary name and renamed; the other form's files from an earlier export are
+/// removed, so the directory never holds both. Returns the files written.
+pub fn write_weights(dir: &Path, named: &[(String, Tensor)], max_shard_bytes: u64) -> Result<Vec<PathBuf>> {
+    let views: Vec<(&str, Bytes)> = named.iter().map(|(n, t)| Ok((n.as_str(), Bytes::new(n, t)?))).collect::<Result<_>>()?;
+    let mut shards: Vec<Vec<&(&str, Bytes)>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for v in &views {
+        let n = v.1.len as u64;
+        if size + n > max_shard_bytes && !shards.last().unwrap().is_empty() {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        shards.last_mut().unwrap().push(v);
+    }
+    let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
+    let single = shards.len() == 1;
+    let names: Vec<String> = if single {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=shards.len()).map(|i| format!("model-{i:05}-of-{:05}.safetensors", shards.len())).collect()
+    };
+    // The other form, from an earlier export into this directory.
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        for f in weight_files_listed(&index)? {
+            if !names.contains(&f) {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+        }
+        std::fs::remove_file(&index).with_cause(|| format!("cannot remove {}", index.display()))?;
+    }
+    if !single {
+        let _ = std::fs::remove_file(dir.join("model.safetensors"));
+    }
+    let mut written = Vec::new();
+    let mut weight_map = serde_json::Map::new();
+    for (shard, name) in shards.iter().zip(&names) {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        safetensors::tensor::serialize_to_file(shard.iter().map(|(n, b)| (*n, b)), &metadata, &tmp)
+            .with_cause(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(name)).with_cause(|| format!("cannot rename {}", tmp.display()))?;
+        for (n, _) in shard {
+            weight_map.insert(n.to_string(), json!(name));
+        }
+        written.push(dir.join(name));
+    }
+    if !single {
+        let total: u64 = views.iter().map(|v| v.1.len as u64).sum();
+        let index_json = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+        crate::run::write_atomic(&index, serde_json::to_string_pretty(&index_json)?.as_bytes())?;
+    }
+    Ok(written)
 }
 
 /// `model.layers.3.mlp.experts.5.gate_proj.weight` -> ("model.layers.3.mlp", 5, "gate_proj").
@@ -319,9 +434,7 @@ pub fn export(dir: impl AsRef<Path>, weights: &[(String, Tensor)], model_config:
     crate::run::write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&generation)?.as_bytes())?;
     // fp32, as config.json says (mixed-precision runs pass their fp32 master weights).
     let named: Vec<(String, Tensor)> = vars.into_iter().map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).contiguous())).collect();
-    let tmp = dir.join(".model.safetensors.tmp");
-    Tensor::write_safetensors(&named, &tmp).with_cause(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+    write_weights(dir, &named, MAX_SHARD_BYTES)?;
     std::fs::copy(tokenizer_json.as_ref(), dir.join("tokenizer.json"))
         .with_cause(|| format!("cannot copy {}", tokenizer_json.as_ref().display()))?;
     let tok_config = json!({

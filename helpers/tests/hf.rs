@@ -187,3 +187,46 @@ fn sharded_checkpoints_load_through_their_index() {
     assert_eq!(hf::load_weights(dir.path(), &vs).unwrap(), 3);
     assert!(vs.variables().values().all(|v| v.eq(2.0).all().int64_value(&[]) == 1));
 }
+
+/// Export writes what transformers writes: one `model.safetensors`, or past the shard size shards
+/// `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`; every header says
+/// `{"format": "pt"}`. Either form reads back equal (memory-mapped), and a later export of the other
+/// form leaves no stale file behind.
+#[test]
+fn weights_are_written_single_or_sharded_with_pt_metadata_and_read_back() {
+    let d = tempfile::tempdir().unwrap();
+    let named: Vec<(String, Tensor)> = (0..5)
+        .map(|i| (format!("model.layers.{i}.mlp.gate.weight"), Tensor::randn([8, 16], (Kind::Float, Device::Cpu))))
+        .collect();
+    let header = |p: &std::path::Path| -> serde_json::Value {
+        let b = std::fs::read(p).unwrap();
+        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        serde_json::from_slice(&b[8..8 + n]).unwrap()
+    };
+    let same = |dir: &std::path::Path| {
+        let back = hf::read_tensors(dir).unwrap();
+        assert_eq!(back.len(), named.len());
+        for (n, t) in &named {
+            assert!(back[n].equal(t), "{n}");
+        }
+    };
+    // 512 bytes per tensor, at most 1,100 per shard: two per shard, three shards.
+    let files = hf::write_weights(d.path(), &named, 1100).unwrap();
+    let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into()).collect();
+    assert_eq!(names, ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]);
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("model.safetensors.index.json")).unwrap()).unwrap();
+    assert_eq!(index["metadata"]["total_size"], 5 * 512);
+    assert_eq!(index["weight_map"]["model.layers.4.mlp.gate.weight"], "model-00003-of-00003.safetensors");
+    for f in &files {
+        assert_eq!(header(f)["__metadata__"]["format"], "pt");
+    }
+    same(d.path());
+    // One file now: the shards and the index go.
+    let files = hf::write_weights(d.path(), &named, hf::MAX_SHARD_BYTES).unwrap();
+    assert_eq!(files, vec![d.path().join("model.safetensors")]);
+    let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    left.sort();
+    assert_eq!(left, ["model.safetensors"]);
+    assert_eq!(header(&files[0])["__metadata__"]["format"], "pt");
+    same(d.path());
+}
