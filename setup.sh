@@ -395,7 +395,8 @@ run_program() {
   # The program runs in the background so that SIGTERM and SIGINT sent to this script (a container's
   # main process being stopped, a scheduler's preemption, Ctrl-C) reach it: it ends after its
   # current step with a checkpoint (helpers::stop). Its output goes through tee into program.log.
-  local fifo="$run_dir/.program-output.$$" pid tee_pid rc interrupted
+  local fifo="$run_dir/.program-output.$$" pid tee_pid rc interrupted py="${MOE_TORCH_PYTHON:-$VENV/bin/python}"
+  "$py" "$ROOT/helpers/scripts/run_status.py" "$run_dir" running "$nb" || true
   mkfifo "$fifo"
   tee -a "$run_dir/program.log" < "$fifo" & tee_pid=$!
   LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$bin" > "$fifo" 2>&1 & pid=$!
@@ -406,6 +407,8 @@ run_program() {
   while :; do interrupted=0; wait "$pid"; rc=$?; [ "$interrupted" = 1 ] || break; done
   trap - TERM INT
   wait "$tee_pid"; rm -f "$fifo"
+  if [ "$rc" = 0 ]; then "$py" "$ROOT/helpers/scripts/run_status.py" "$run_dir" finished "$nb"
+  else "$py" "$ROOT/helpers/scripts/run_status.py" "$run_dir" failed "$nb" "the program exited with status $rc (see program.log)"; fi
   set -e
   [ "$rc" = 0 ] && say "program finished; run dir $run_dir" || say "program FAILED (exit $rc); run dir $run_dir"
   exit "$rc"

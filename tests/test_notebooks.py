@@ -82,6 +82,10 @@ def test_experiment_trains_briefly_on_cpu(nb, tmp_path, request):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["val_loss_final"] < summary["val_loss_step0"]
     assert (run_dir / "executed.ipynb").exists()
+    # The runner keeps the run's status and points `latest` beside it at the newest finished run.
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["status"], status["step"]) == ("finished", 20) and "error" not in status
+    assert (run_dir.parent / "latest").is_symlink() and (run_dir.parent / "latest").resolve() == run_dir.resolve()
     check_routing_outputs(run_dir, rows, cfg)
     if nb.parent.name == "cross-layer-experts":
         check_cross_layer(run_dir, rows, cfg, proc.stdout)
@@ -217,9 +221,13 @@ def test_bad_overrides_fail_the_config_cell_with_a_clear_message(env, message, t
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert message in out
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and status["step"] is None, status
+    assert not (tmp_path / "latest").exists(), "a failed run never becomes latest"
     if in_kernel:
         # Code cells: 1 dependencies, 2-4 the config types (model shape, run settings, presets and checks).
         assert "cell 5 failed" in out, "the run's settings cell (cell 5, after the config types) must be the one that fails"
+        assert status["error"].startswith("cell 5 failed"), status
     assert "model built" not in out, "nothing may be allocated after a bad config"
 
 

@@ -13,7 +13,9 @@ failure as success: a panic (unless `:preserve_vars_on_panic 0` is set), and an 
 - fails (exit 1) on the first cell that errors, panics or returns early, naming the cell,
 - sets MOE_RUN_DIR (runs/<experiment>/<timestamp> unless given; with MOE_RESUME, the resumed run's
   directory) and saves the executed notebook
-  there, so every run keeps the exact code that produced it.
+  there, so every run keeps the exact code that produced it,
+- keeps the run's `status.json` (running, finished or failed, the last step, the error) and points
+  `latest` beside the run directory at the newest finished run.
 `--skip-tag train` leaves out the cells tagged `train` (`bash setup.sh generate` uses it to sample
 from a saved run without training). The kernel's launcher (helpers/scripts/evcxr-kernel.sh) picks
 its build directory.
@@ -32,6 +34,9 @@ import nbformat
 from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run_status import mark_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PANIC_MARKERS = ("panicked at", "Child process terminated with status")
@@ -146,6 +151,10 @@ def main() -> int:
     run_dir = Path(os.environ["MOE_RUN_DIR"])
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    shown = str(nb_path.relative_to(ROOT) if nb_path.is_relative_to(ROOT) else nb_path)
+    marking = not args.skip_tag  # a training run (generate's sampling leaves the run's status alone)
+    if marking:
+        mark_run(run_dir, "running", shown)
     nb = nbformat.read(nb_path, as_version=4)
     setup = nbformat.v4.new_code_cell(":preserve_vars_on_panic 0")
     setup.metadata["tags"] = ["injected-by-run_notebook"]
@@ -195,6 +204,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
     took = time.time() - t0
+    if marking:
+        mark_run(run_dir, "failed" if status else "finished", shown, failure)
     if status:
         print(f"\n[{experiment}] FAILED after {took:.0f}s: {failure}\n  executed notebook: {out}", file=sys.stderr)
     else:
