@@ -3,6 +3,7 @@
 need the experiment's code (a second start from the exported weights, options, bad overrides) run
 its program, the same cells compiled once (tests/test_program.py checks it trains exactly as the
 notebook): a kernel execution spends minutes compiling cells, a program starts in seconds."""
+import base64
 import importlib.util
 import json
 import math
@@ -134,8 +135,18 @@ def check_routing_outputs(run_dir: Path, rows: list, cfg: dict):
             counts[expert] += 1
     p = [c / sum(counts) for c in counts if c]
     assert abs(summary["usage_entropy.0"] - -sum(x * math.log(x) for x in p)) < 1e-9
+    sizes = []
     for png in ("usage.png", "transitions.png", "usage_over_training.png"):
-        assert (run_dir / "routing" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        data = (run_dir / "routing" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", png
+        sizes.append(struct.unpack(">II", data[16:24]))  # IHDR: width, height
+    # The analysis cell shows all three figures: one image (evcxr keeps one per cell), stacked.
+    executed = json.loads((run_dir / "executed.ipynb").read_text())
+    cell = next(c for c in executed["cells"] if "show_pngs(&pngs)" in "".join(c["source"]))
+    images = [o["data"]["image/png"] for o in cell["outputs"] if "image/png" in o.get("data", {})]
+    assert len(images) == 1, f"{len(images)} images in the routing cell"
+    shown = struct.unpack(">II", base64.b64decode(images[0])[16:24])
+    assert shown == (max(w for w, _ in sizes), sum(h for _, h in sizes) + 12 * 2), (shown, sizes)
 
 
 def check_cross_layer(run_dir: Path, rows: list, cfg: dict, stdout: str):

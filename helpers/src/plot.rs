@@ -7,7 +7,7 @@
 use crate::WithCause;
 use anyhow::Result;
 use plotters::prelude::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub(crate) fn font() {
     // Registering twice is harmless; plotters keeps the last one.
@@ -65,6 +65,46 @@ pub fn training_curves(rows: &[serde_json::Value], path: &Path, title: &str) -> 
     draw().map_err(|e| anyhow::anyhow!("{e}")).with_cause(|| format!("cannot draw {}", path.display()))
 }
 
+/// Shows several PNGs inline as one image, one above the other (left-aligned, 12 white pixels
+/// between them). evcxr keeps one image per cell (a cell's outputs are keyed by MIME type), so
+/// separate [`show_png`] calls in one cell would show only the last figure.
+pub fn show_pngs(paths: &[PathBuf]) -> Result<()> {
+    match paths {
+        [] => Ok(()),
+        [one] => show_png(one),
+        _ if std::env::var_os("EVCXR_IS_RUNTIME").is_none() => {
+            paths.iter().for_each(|p| println!("plot: {}", p.display()));
+            Ok(())
+        }
+        _ => {
+            use base64::Engine;
+            let png = stack_pngs(paths)?;
+            println!("EVCXR_BEGIN_CONTENT image/png\n{}\nEVCXR_END_CONTENT", base64::engine::general_purpose::STANDARD.encode(png));
+            Ok(())
+        }
+    }
+}
+
+/// The PNGs at `paths` stacked vertically into one PNG (see [`show_pngs`]).
+pub fn stack_pngs(paths: &[PathBuf]) -> Result<Vec<u8>> {
+    const GAP: u32 = 12;
+    let images: Vec<image::RgbaImage> = paths
+        .iter()
+        .map(|p| image::open(p).map(|i| i.to_rgba8()).map_err(anyhow::Error::from).with_cause(|| format!("cannot read {}", p.display())))
+        .collect::<Result<_>>()?;
+    let width = images.iter().map(|i| i.width()).max().unwrap_or(1);
+    let height = images.iter().map(|i| i.height()).sum::<u32>() + GAP * images.len().saturating_sub(1) as u32;
+    let mut out = image::RgbaImage::from_pixel(width, height.max(1), image::Rgba([255, 255, 255, 255]));
+    let mut y = 0i64;
+    for i in &images {
+        image::imageops::overlay(&mut out, i, 0, y);
+        y += (i.height() + GAP) as i64;
+    }
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageRgba8(out).write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    Ok(bytes)
+}
+
 /// Shows a PNG inline in a Jupyter notebook run by evcxr (its `EVCXR_BEGIN_CONTENT` protocol).
 pub fn show_png(path: &Path) -> Result<()> {
     use base64::Engine;
@@ -75,4 +115,23 @@ pub fn show_png(path: &Path) -> Result<()> {
         println!("plot: {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_stack_into_one_image_with_gaps() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a.png"), d.path().join("b.png"));
+        image::RgbaImage::from_pixel(30, 20, image::Rgba([255, 0, 0, 255])).save(&a).unwrap();
+        image::RgbaImage::from_pixel(50, 10, image::Rgba([0, 0, 255, 255])).save(&b).unwrap();
+        let stacked = image::load_from_memory(&stack_pngs(&[a, b]).unwrap()).unwrap().to_rgba8();
+        assert_eq!(stacked.dimensions(), (50, 20 + 12 + 10));
+        assert_eq!(stacked.get_pixel(0, 0).0, [255, 0, 0, 255]);
+        assert_eq!(stacked.get_pixel(40, 5).0, [255, 255, 255, 255], "white beside the narrower figure");
+        assert_eq!(stacked.get_pixel(0, 25).0, [255, 255, 255, 255], "the gap");
+        assert_eq!(stacked.get_pixel(49, 41).0, [0, 0, 255, 255]);
+    }
 }
