@@ -481,6 +481,14 @@ fn a_preempted_run_is_marked_preempting_then_failed_with_143() {
     assert!(run.finish(143).unwrap().complete);
     let r = fake.run(&id);
     assert_eq!((r.complete, steps_of(&r)), (Some(143), vec![0, 1, 2]));
+    // Resumed by the next process (same run directory, same spool): the earlier process's finish
+    // is not this one's; the run goes on and completes with 0.
+    let mut run = wandb::start(d.path(), settings(&fake.url, Mode::Online), &config(), Some(&id)).unwrap();
+    log_rows(&mut run, 3..6);
+    let report = run.finish(0).unwrap();
+    assert!(report.complete && report.rows_only_local == 0, "{report:?}");
+    let r = fake.run(&id);
+    assert_eq!((r.complete, steps_of(&r)), (Some(0), vec![0, 1, 2, 3, 4, 5]));
     assert_eq!(fake.violations(), Vec::<String>::new());
 }
 

@@ -103,6 +103,10 @@ impl Uploader {
         for r in records {
             match r {
                 Record::Run(info) => {
+                    // A new process continues the run: what an earlier one recorded about its own
+                    // end (a finish, preempting) is history; the server saw it then.
+                    self.finish = None;
+                    self.preempting = Preempting::No;
                     self.process += 1;
                     self.check_server |= info.resumed;
                     self.run = Some(info);
