@@ -46,6 +46,8 @@ struct State {
     upload_faults: HashMap<String, Vec<u16>>,
     requests: usize,
     bodies: Vec<String>,
+    /// Stop was pressed on the run page.
+    stop_pressed: bool,
 }
 
 struct Fake {
@@ -225,7 +227,9 @@ fn handle(st: &Mutex<State>, base: &str, method: &str, path: &str, headers: &Has
             run.complete = req["exitcode"].as_i64();
         }
         s.violations.extend(violations);
-        return (200, String::new(), "{}".into());
+        // The Stop button on the run page: W&B answers file_stream with `"stopped": true`.
+        let body = if s.stop_pressed { r#"{"stopped": true}"# } else { "{}" };
+        return (200, String::new(), body.into());
     }
     (404, String::new(), "{}".into())
 }
@@ -490,6 +494,31 @@ fn a_preempted_run_is_marked_preempting_then_failed_with_143() {
     let r = fake.run(&id);
     assert_eq!((r.complete, steps_of(&r)), (Some(0), vec![0, 1, 2, 3, 4, 5]));
     assert_eq!(fake.violations(), Vec::<String>::new());
+}
+
+/// The Stop button: W&B answers file_stream with `"stopped": true`; the run reports it, and the
+/// training loop's question (`helpers::stop::requested`) says to stop after this step.
+#[test]
+fn the_stop_button_reaches_the_training_loop() {
+    let fake = Fake::start();
+    let d = tempfile::tempdir().unwrap();
+    let mut run = wandb::start(d.path(), settings(&fake.url, Mode::Online), &config(), None).unwrap();
+    let single = helpers::dist::Dist::single();
+    log_rows(&mut run, 0..2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!run.stopped());
+    assert_eq!(helpers::stop::requested(&single, run.stopped()).unwrap(), None);
+    fake.state.lock().unwrap().stop_pressed = true;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut step = 2;
+    while !run.stopped() && Instant::now() < deadline {
+        log_rows(&mut run, step..step + 1); // steps go on; each batch's answer can carry the stop
+        step += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(helpers::stop::requested(&single, run.stopped()).unwrap(), Some(helpers::stop::Stop::StoppedInUi));
+    assert!(run.finish(helpers::stop::Stop::StoppedInUi.exit_code()).unwrap().complete);
+    assert_eq!(fake.run(run.id().unwrap()).complete, Some(0));
 }
 
 #[test]
