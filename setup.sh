@@ -518,7 +518,10 @@ case "$cmd" in
     # Two workers by default (MOE_TEST_WORKERS=0 runs in one process): a kernel execution is mostly
     # cell compiles on one core. Tests that share a fixture stay on one worker (tests/conftest.py).
     say "pytest (notebooks executed in the rust kernel, repository rules; ${MOE_TEST_WORKERS:-2} workers)"
+    # A passing test's tmp_path is deleted when it ends (run directories with checkpoints: ~7 GB in all
+    # otherwise, on machines whose disk may be small); a failing test's stays for inspection.
     exec "$VENV/bin/python" -m pytest -v -n "${MOE_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder \
+      -o tmp_path_retention_policy=failed \
       --durations=30 tests/ "$@" ;;
   launch)
     nb="experiments/base-olmoe/experiment.ipynb"; nproc=""; targs=()

@@ -184,8 +184,8 @@ def test_sigterm_ends_after_the_step_with_a_checkpoint_marks_wandb_preempted_and
     assert 5 <= last < int(STEPS)
     log = (run_dir / "program.log").read_text()
     assert f"step {last:5} | SIGTERM (preempted): training ends here" in log, log[-2000:]
-    state = json.loads((run_dir / "checkpoints" / "latest" / "state.json").read_text())
-    assert state["step"] == last, "the checkpoint is of the step SIGTERM interrupted"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{last:08d}", "the checkpoint is of the step SIGTERM interrupted"
+    assert json.loads((run_dir / "checkpoints" / f"step-{last:08d}" / "state.json").read_text())["step"] == last
     run_id = wandb_id_at(run_dir, last)
     r = wandb_server.runs[run_id]
     assert r.get("preempting") is True and r["complete"] == 143, "W&B: preempted, not crashed"
