@@ -158,7 +158,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run_bit_for_bit(uninterru
     # Killed after the step-8 checkpoint; the program steps fast, so from step 9 on leaves time.
     killed_at = run_and_kill(EXPERIMENT, run_dir, TINY, 9, **wandb_env(wandb_server))
     assert 9 <= killed_at < int(STEPS)
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "running", "killed: nobody marked it
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running", "killed: nobody marked it"
     resumed = run_program(EXPERIMENT, run_dir, MOE_RESUME=str(run_dir), MOE_SET=TINY, **wandb_env(wandb_server))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and ("(step 8," in resumed.stdout or "(step 12," in resumed.stdout)
