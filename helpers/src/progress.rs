@@ -1,6 +1,7 @@
 //! Progress for long jobs (downloads, tokenization): an indicatif bar in a terminal, and in a
-//! notebook or a log file (where a bar would be invisible or garbage) one plain line on stdout every
-//! `every` seconds and at the end (stdout: JupyterLab shows stderr in a red box, as an error).
+//! notebook or a log file (where a bar would be invisible or garbage) one plain line every `every`
+//! seconds and at the end: on stdout in a notebook (JupyterLab shows stderr in a red box, as an
+//! error), on stderr elsewhere (a command's stdout stays its output, e.g. `data download`'s paths).
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -78,7 +79,11 @@ impl Progress {
         } else {
             (self.pos.to_string(), self.total.map(|t| t.to_string()))
         };
-        println!("{}", self.line(pos, total, secs));
+        if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
+            println!("{}", self.line(pos, total, secs));
+        } else {
+            eprintln!("{}", self.line(pos, total, secs));
+        }
     }
 
     /// `label: 42 of 100 docs in 3s, <msg>`.
