@@ -8,7 +8,7 @@
 use crate::WithCause;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -117,21 +117,41 @@ pub fn object_text<'a>(entries: impl Iterator<Item = (&'a str, String)>) -> Stri
     format!("{{{}}}", body.join(","))
 }
 
-/// The history lines a spool's records make, as the uploader forms them: consecutive rows of one
-/// step are one line, and a resumed process's rows replace the rows an earlier process logged for
-/// the same or later steps.
+/// A history line being formed: its step, the process (run record) that logged it, its values.
+#[derive(Debug, Clone)]
+pub struct Line<T> {
+    pub step: i64,
+    pub process: u32,
+    pub values: T,
+}
+
+/// Adds a row to the lines not yet sent, as the uploader forms lines: a row of the newest line's
+/// step (from the same process) merges into it (`merge`), and a resumed process's rows replace the
+/// lines an earlier process left for the same or later steps. Returns the change in line count.
+pub fn add_row<T>(lines: &mut VecDeque<Line<T>>, row: Line<T>, merge: impl FnOnce(&mut T, T)) -> isize {
+    let mut change = 0;
+    while lines.back().is_some_and(|l| l.step >= row.step && l.process != row.process) {
+        lines.pop_back();
+        change -= 1;
+    }
+    match lines.back_mut() {
+        Some(l) if l.step == row.step => merge(&mut l.values, row.values),
+        _ => {
+            lines.push_back(row);
+            change += 1;
+        }
+    }
+    change
+}
+
+/// The history lines a spool's records make ([`add_row`] over all of them).
 pub fn history_lines(records: &[Record]) -> usize {
-    let (mut lines, mut process) = (Vec::<(i64, usize)>::new(), 0);
+    let (mut lines, mut process) = (VecDeque::new(), 0);
     for r in records {
         match r {
             Record::Run(_) => process += 1,
             Record::History { step, .. } => {
-                while lines.last().is_some_and(|&(s, p)| s >= *step && p != process) {
-                    lines.pop();
-                }
-                if lines.last().map(|l| l.0) != Some(*step) {
-                    lines.push((*step, process));
-                }
+                add_row(&mut lines, Line { step: *step, process, values: () }, |_, _| {});
             }
             _ => {}
         }

@@ -6,7 +6,7 @@
 //! After resuming, rows whose step the server already has are dropped: an exactly resumed run logs
 //! the same values again for the steps between its checkpoint and the crash.
 use super::api::{Client, Failure};
-use super::spool::{object_text, Record, RunInfo, SpoolReader};
+use super::spool::{add_row, object_text, Line, Record, RunInfo, SpoolReader};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -45,10 +45,9 @@ pub struct Uploader {
     server_last_step: i64,
     /// Rows not yet sent, oldest first. Rows logged with the same step are merged into one line
     /// (a skipped step and that step's log row), as the official client does.
-    pending: VecDeque<(i64, BTreeMap<String, String>)>,
+    pending: VecDeque<Line<BTreeMap<String, String>>>,
     preempting: Preempting,
-    /// Which process (run record) wrote each pending row, parallel to `pending`.
-    pending_process: VecDeque<u32>,
+    /// Run records read so far: which process logged a row.
     process: u32,
     /// Keep the newest row back until a later step (or the finish) arrives, so a row logged with
     /// its step's number a moment later still merges into it rather than going out as a second
@@ -81,7 +80,7 @@ impl Uploader {
     pub fn new(client: Client, spool: PathBuf, files_dir: PathBuf, check_server: bool, heartbeat: Duration) -> Self {
         Self {
             client, reader: SpoolReader::new(&spool), files_dir, check_server, run: None, need_upsert: false, created: None,
-            offset: 0, server_last_step: -1, pending: VecDeque::new(), preempting: Preempting::No, pending_process: VecDeque::new(), process: 0, hold_newest: false, inflight: None, summary: BTreeMap::new(),
+            offset: 0, server_last_step: -1, pending: VecDeque::new(), preempting: Preempting::No, process: 0, hold_newest: false, inflight: None, summary: BTreeMap::new(),
             summary_dirty: false, files: VecDeque::new(), uploaded: Vec::new(), finish: None, complete_sent: false,
             fatal: None, stopped: false, lines_seen: 0, lines_done: 0, last_post: Instant::now(), heartbeat,
             skipped_files: Vec::new(), file_failures: 0, file_retry_at: None,
@@ -116,21 +115,10 @@ impl Uploader {
                 // back must not show in the summary's `_step`, which a resumed run reads as the
                 // last step the server has.
                 Record::History { step, values } => {
-                    // A resumed process logs again the steps after its checkpoint: they replace the
-                    // unsent rows an earlier process left for those steps (its held newest row).
-                    while self.pending.back().is_some_and(|(s, _)| *s >= step) && self.pending_process.back() != Some(&self.process) {
-                        self.pending.pop_back();
-                        self.pending_process.pop_back();
-                        self.lines_seen -= 1;
-                    }
-                    match self.pending.back_mut() {
-                        Some((s, row)) if *s == step => row.extend(values),
-                        _ => {
-                            self.lines_seen += 1;
-                            self.pending.push_back((step, values));
-                            self.pending_process.push_back(self.process);
-                        }
-                    }
+                    // A resumed process logs again the steps after its checkpoint: its rows replace
+                    // the unsent rows an earlier process left for those steps (its held newest row).
+                    let row = Line { step, process: self.process, values };
+                    self.lines_seen = (self.lines_seen as isize + add_row(&mut self.pending, row, |a, b| a.extend(b))) as usize;
                 }
                 Record::Summary { values } => {
                     self.summary.extend(values);
@@ -238,26 +226,24 @@ impl Uploader {
 
     fn next_request(&mut self) -> Option<InFlight> {
         // Rows the server already has (a resumed run re-logging the steps after its checkpoint).
-        while self.pending.front().is_some_and(|(s, _)| *s <= self.server_last_step) {
-            let (_, row) = self.pending.pop_front().unwrap();
-            self.pending_process.pop_front();
-            self.summary.extend(row); // sent before; the summary keeps the last value of every key
+        while self.pending.front().is_some_and(|l| l.step <= self.server_last_step) {
+            let line = self.pending.pop_front().unwrap();
+            self.summary.extend(line.values); // sent before; the summary keeps the last value of every key
             self.lines_done += 1;
         }
         let (mut lines, mut bytes, mut last_step) = (Vec::new(), 0, self.server_last_step);
         let held = usize::from(self.hold_newest && self.finish.is_none());
         while self.pending.len() > held {
-            let (step, row) = self.pending.front().unwrap();
-            let line = object_text(row.iter().map(|(k, v)| (k.as_str(), v.clone())));
+            let front = self.pending.front().unwrap();
+            let (step, line) = (front.step, object_text(front.values.iter().map(|(k, v)| (k.as_str(), v.clone()))));
             if lines.len() >= MAX_LINES || (bytes + line.len() > MAX_BYTES && !lines.is_empty()) {
                 break;
             }
             bytes += line.len();
-            last_step = *step;
+            last_step = step;
             lines.push(line);
-            let (_, row) = self.pending.pop_front().unwrap();
-            self.pending_process.pop_front();
-            self.summary.extend(row);
+            let sent = self.pending.pop_front().unwrap();
+            self.summary.extend(sent.values);
             self.summary_dirty = true;
         }
         let drained = self.pending.is_empty() && self.files.is_empty();
