@@ -11,6 +11,23 @@ pub struct Sampling {
     pub top_p: f64,
 }
 
+/// `greedy`, or `temperature 0.8, top-k 50, top-p 0.95` (the filters that are on).
+impl std::fmt::Display for Sampling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.temperature == 0.0 {
+            return write!(f, "greedy");
+        }
+        write!(f, "temperature {}", self.temperature)?;
+        if self.top_k > 0 {
+            write!(f, ", top-k {}", self.top_k)?;
+        }
+        if self.top_p < 1.0 {
+            write!(f, ", top-p {}", self.top_p)?;
+        }
+        Ok(())
+    }
+}
+
 impl Sampling {
     pub fn greedy() -> Self {
         Self { temperature: 0.0, top_k: 0, top_p: 1.0 }
@@ -43,6 +60,13 @@ pub fn next_token(logits: &Tensor, s: &Sampling) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_reads_as_its_settings() {
+        assert_eq!(Sampling::greedy().to_string(), "greedy");
+        assert_eq!(Sampling { temperature: 0.8, top_k: 50, top_p: 0.95 }.to_string(), "temperature 0.8, top-k 50, top-p 0.95");
+        assert_eq!(Sampling { temperature: 1.0, top_k: 0, top_p: 1.0 }.to_string(), "temperature 1", "filters that are off are not named");
+    }
 
     #[test]
     fn greedy_top_k_and_top_p_pick_only_allowed_tokens() {

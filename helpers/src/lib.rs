@@ -59,7 +59,7 @@ pub mod wandb;
 
 pub use config::{env_parse, Overrides};
 pub use data::Tokenizer;
-pub use run::{project_root, MetricsLog, RunDir};
+pub use run::{project_root, rel, MetricsLog, RunDir};
 pub use runtime::Runtime;
 
 /// Like anyhow's `with_context`, but the cause goes into the one message. evcxr prints an error a

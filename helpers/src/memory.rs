@@ -106,8 +106,16 @@ impl Estimate {
 impl std::fmt::Display for Estimate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let g = |b: f64| b / (1u64 << 30) as f64;
-        writeln!(f, "{:10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}", "device", "weights", "gradients", "optimizer", "activations", "peak GiB", "capacity")?;
-        for d in &self.devices {
+        if let [d] = self.devices.as_slice() {
+            // one device: one line
+            let cap = d.capacity.map_or(String::new(), |c| format!(" of {:.2} GiB", g(c)));
+            writeln!(f, "memory estimate on {}: peak {:.3} GiB{cap} (weights {:.3} + gradients {:.3} + optimizer {:.3} + activations {:.3})",
+                d.device, g(d.peak()), g(d.weights), g(d.gradients), g(d.optimizer), g(d.activations))?;
+        } else {
+            writeln!(f, "memory estimate (GiB):")?;
+            writeln!(f, "{:10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}", "device", "weights", "gradients", "optimizer", "activations", "peak", "capacity")?;
+        }
+        for d in self.devices.iter().filter(|_| self.devices.len() > 1) {
             let cap = d.capacity.map_or("?".to_string(), |c| format!("{:.2}", g(c)));
             writeln!(f, "{:10} {:10.3} {:10.3} {:10.3} {:12.3} {:10.3} {:>10}", d.device, g(d.weights), g(d.gradients), g(d.optimizer), g(d.activations), g(d.peak()), cap)?;
         }
@@ -224,7 +232,7 @@ pub fn estimate_built(m: &ModelShape, t: &TrainShape, named: &[(String, tch::Ten
         }
     }
     let expert_ix: Vec<usize> = expert_devices.iter().map(|d| devices.iter().position(|x| x == d).unwrap()).collect();
-    let named_devices: Vec<(String, Option<f64>)> = devices.iter().map(|d| (format!("{d:?}"), capacity(d))).collect();
+    let named_devices: Vec<(String, Option<f64>)> = devices.iter().map(|d| (crate::runtime::device_name(*d), capacity(d))).collect();
     let params: Vec<f64> = devices.iter().map(|d| named.iter().filter(|(_, t)| t.device() == *d).map(|(_, t)| t.numel() as f64).sum()).collect();
     estimate_with_params(m, t, &named_devices, &expert_ix, Some(&params))
 }
@@ -321,6 +329,17 @@ pub fn cuda_mem_info(index: usize) -> Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_device_is_one_line_several_a_table() {
+        let dev = |name: &str, cap| DeviceMemory { device: name.into(), capacity: cap, weights: (1u64 << 30) as f64, gradients: (1u64 << 30) as f64, optimizer: 0.0, activations: 0.0 };
+        let one = Estimate { devices: vec![dev("cpu", Some(16.0 * (1u64 << 30) as f64))] }.to_string();
+        assert_eq!(one, "memory estimate on cpu: peak 2.000 GiB of 16.00 GiB (weights 1.000 + gradients 1.000 + optimizer 0.000 + activations 0.000)\n");
+        let two = Estimate { devices: vec![dev("cuda:0", None), dev("cuda:1", None)] }.to_string();
+        assert_eq!(two.lines().count(), 4, "{two}");
+        assert!(two.starts_with("memory estimate (GiB):\ndevice"), "{two}");
+        assert!(two.lines().nth(3).unwrap().starts_with("cuda:1"), "{two}");
+    }
 
     #[test]
     fn proc_figures_are_read_and_consistent() {

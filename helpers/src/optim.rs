@@ -110,12 +110,21 @@ impl Optimizer {
     pub fn summary(&self) -> String {
         let count = |r: Rule| self.params.iter().filter(|p| p.rule == r).map(|p| p.tensor.numel()).sum::<usize>();
         let masters = self.params.iter().filter(|p| p.master.is_some()).count();
-        format!(
-            "AdamW {:.2}M (+{:.2}M without decay), Muon {:.2}M; fp32 master copies of {masters} tensors",
-            count(Rule::AdamW) as f64 / 1e6,
-            count(Rule::AdamWNoDecay) as f64 / 1e6,
-            count(Rule::Muon) as f64 / 1e6
-        )
+        let m = |n: usize| format!("{:.2}M", n as f64 / 1e6);
+        let (adamw, no_decay, muon) = (count(Rule::AdamW), count(Rule::AdamWNoDecay), count(Rule::Muon));
+        // only what applies: no "Muon 0.00M" in an AdamW run
+        let mut parts = vec![];
+        if adamw + no_decay > 0 {
+            let without = if no_decay > 0 { format!(" ({} of them without weight decay)", m(no_decay)) } else { String::new() };
+            parts.push(format!("AdamW on {} parameters{without}", m(adamw + no_decay)));
+        }
+        if muon > 0 {
+            parts.push(format!("Muon on {}", m(muon)));
+        }
+        if masters > 0 {
+            parts.push(format!("fp32 master copies of {masters} tensors"));
+        }
+        if parts.is_empty() { "no parameters".into() } else { parts.join("; ") }
     }
 
     /// Drops every gradient (set to undefined, as PyTorch's default), freeing its memory.

@@ -25,6 +25,13 @@ pub fn project_root() -> Result<PathBuf> {
         .with_context(|| format!("{} is not inside the project (no ancestor has helpers/ and experiments/)", cwd.display()))
 }
 
+/// `path` for a message: relative to the project root when it is inside it
+/// (`runs/base-olmoe/20261203-082534`), else as it is.
+pub fn rel(path: &Path) -> String {
+    let shown = project_root().ok().and_then(|root| path.strip_prefix(&root).ok().map(Path::to_path_buf));
+    shown.unwrap_or_else(|| path.to_path_buf()).display().to_string()
+}
+
 /// A run's output directory.
 #[derive(Debug, Clone)]
 pub struct RunDir {
@@ -240,6 +247,13 @@ pub fn fmt_duration(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_show_paths_inside_the_project_relative_to_it() {
+        let root = project_root().unwrap(); // the tests run in helpers/
+        assert_eq!(rel(&root.join("runs/base-olmoe/x")), "runs/base-olmoe/x");
+        assert_eq!(rel(Path::new("/elsewhere/run")), "/elsewhere/run");
+    }
 
     #[test]
     fn the_experiment_is_the_folder_under_experiments() {

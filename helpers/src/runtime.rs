@@ -33,11 +33,21 @@ pub struct Runtime {
 
 impl std::fmt::Display for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "device {:?}, {} CPU threads, ", self.device, self.threads)?;
-        match &self.cuda_library {
-            Some(p) => write!(f, "libtorch_cuda loaded: true ({}), {} CUDA device(s)", p.display(), self.cuda_devices),
-            None => write!(f, "libtorch_cuda loaded: false ({})", self.cuda_note.as_deref().unwrap_or("?")),
+        write!(f, "device {}, {} CPU threads, ", device_name(self.device), self.threads)?;
+        match (&self.cuda_library, self.cuda_devices) {
+            (Some(_), 0) => write!(f, "CUDA library loaded, no CUDA device visible"),
+            (Some(_), n) => write!(f, "CUDA library loaded, {n} CUDA device(s)"),
+            (None, _) => write!(f, "CUDA library not loaded ({})", self.cuda_note.as_deref().unwrap_or("?")),
         }
+    }
+}
+
+/// A device as `MOE_DEVICE` spells it: `cpu`, `cuda:0`.
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        d => format!("{d:?}").to_lowercase(),
     }
 }
 
@@ -146,6 +156,14 @@ pub fn libtorch_dir() -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_runtime_line_says_what_applies() {
+        let rt = |device, lib: Option<&str>, n| Runtime { device, threads: 2, cuda_library: lib.map(PathBuf::from), cuda_note: lib.is_none().then(|| "CPU-only libtorch".into()), cuda_devices: n };
+        assert_eq!(rt(Device::Cpu, Some("/x/libtorch_cuda.so"), 0).to_string(), "device cpu, 2 CPU threads, CUDA library loaded, no CUDA device visible");
+        assert_eq!(rt(Device::Cuda(0), Some("/x/libtorch_cuda.so"), 8).to_string(), "device cuda:0, 2 CPU threads, CUDA library loaded, 8 CUDA device(s)");
+        assert_eq!(rt(Device::Cpu, None, 0).to_string(), "device cpu, 2 CPU threads, CUDA library not loaded (CPU-only libtorch)");
+    }
 
     #[test]
     fn parses_devices() {

@@ -228,3 +228,16 @@ fn training_curves_png_is_written() {
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     assert_eq!(helpers::plot::series(&rows, "val.loss").len(), 4);
 }
+
+#[test]
+fn the_optimizer_summary_names_only_what_applies() {
+    let t = |n: i64| Tensor::zeros([n / 1000, 1000], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let adamw_only = Optimizer::new(vec![("a".into(), t(2_000_000), Rule::AdamW)], optim_cfg()).unwrap();
+    assert_eq!(adamw_only.summary(), "AdamW on 2.00M parameters");
+    let mixed = Optimizer::new(
+        vec![("a".into(), t(1_000_000), Rule::AdamW), ("n".into(), t(10_000), Rule::AdamWNoDecay), ("m".into(), t(3_000_000), Rule::Muon)],
+        optim_cfg(),
+    )
+    .unwrap();
+    assert_eq!(mixed.summary(), "AdamW on 1.01M parameters (0.01M of them without weight decay); Muon on 3.00M");
+}

@@ -161,7 +161,7 @@ fn plots_and_usage_history() {
     let dir = tempfile::tempdir().unwrap();
     plot::usage_heatmap(&r.usage(), &r.layers, &dir.path().join("usage.png"), "test").unwrap();
     plot::transition_heatmap(&r.transitions(0, None).unwrap(), &dir.path().join("trans.png"), "layer 1 -> 2").unwrap();
-    assert!(png_size(&dir.path().join("usage.png")).0 >= 480);
+    assert!(png_size(&dir.path().join("usage.png")).0 >= 620, "room for the colour bar");
     assert!(png_size(&dir.path().join("trans.png")).1 >= 240);
 
     let path = dir.path().join("expert_usage.jsonl");
@@ -172,8 +172,55 @@ fn plots_and_usage_history() {
     std::fs::write(&path, text).unwrap();
     let back = interp::read_usage(&path).unwrap();
     assert_eq!(back, rows);
-    plot::usage_over_training(&back, 1, &dir.path().join("over.png"), "test").unwrap();
-    assert_eq!(png_size(&dir.path().join("over.png")), (900, 480));
-    let err = plot::usage_over_training(&back, 0, &dir.path().join("x.png"), "test").unwrap_err().to_string();
-    assert!(err.contains("layer 0 is not a MoE layer"), "{err}");
+    plot::usage_over_training(&back, &dir.path().join("over.png"), "test").unwrap();
+    assert_eq!(png_size(&dir.path().join("over.png")), (2 * 520, 50 + 340), "one panel per MoE layer, side by side");
+    let err = plot::usage_over_training(&[], &dir.path().join("x.png"), "test").unwrap_err().to_string();
+    assert!(err.contains("no expert usage history"), "{err}");
+}
+
+#[test]
+fn the_metrics_table_says_the_last_layer_has_no_next() {
+    let m: std::collections::BTreeMap<String, f64> =
+        [("consistency.1", 0.5), ("consistency.2", 0.25), ("consistency.3", f64::NAN)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let t = metrics::table(&m, &[1, 2, 3], 4, 2);
+    let rows: Vec<&str> = t.lines().collect();
+    assert!(rows[1].contains("0.500") && rows[2].contains("0.250"), "{t}");
+    assert_eq!(rows[3].split('|').nth(3).unwrap().trim(), "(last MoE layer)", "{t}");
+}
+
+#[test]
+fn an_expert_named_twice_in_a_tokens_slots_counts_once_per_layer() {
+    // A tree's two paths share their first edge: slots (0, 2, 0, 3) name expert 0 twice, at both
+    // MoE layers, so the token keeps expert 0 for a run of 2 layers (not 4), and 2 and 3 for 1 each.
+    let mut r = Routing::new(4, 4, vec![0, 1], 1);
+    let tokens = Tensor::from_slice(&[7i64]).view([1, 1]);
+    let experts = [Tensor::from_slice(&[0i64, 2, 0, 3]).view([1, 4]), Tensor::from_slice(&[0i64, 1, 0, 1]).view([1, 4])];
+    let weights: Vec<Tensor> = (0..2).map(|_| Tensor::from_slice(&[0.5f32, 0.2, 0.4, 0.1]).view([1, 4])).collect();
+    r.push(&tokens, experts.iter().zip(&weights)).unwrap();
+    let stay = r.stay();
+    assert_eq!(stay.runs, vec![0, 3, 1], "runs of 1 layer: 2, 3 (layer 0) and 1 (layer 1); of 2 layers: 0");
+}
+
+#[test]
+fn tree_metrics_on_a_hand_made_routing() {
+    use helpers::interp::tree::Tree;
+    // b = 2, n = 2: experts 0, 1 (depth 1), 2..=5 (depth 2; 2, 3 under expert 0, 4, 5 under 1).
+    // K = 1 path per token; four tokens at one MoE layer (decoder layer 5).
+    let tree = Tree { b: 2, n: 2 };
+    assert_eq!((tree.experts(), tree.offset(1), tree.offset(2)), (6, 0, 2));
+    let mut r = Routing::new(6, 2, vec![5], 4);
+    let tokens = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
+    // Paths: (0, 2), (0, 2), (0, 3), (1, 5): leaves 0, 0, 1, 3.
+    let experts = [Tensor::from_slice(&[0i64, 2, 0, 2, 0, 3, 1, 5]).view([4, 2])];
+    let weights = [Tensor::ones([4, 2], (tch::Kind::Float, tch::Device::Cpu))];
+    r.push(&tokens, experts.iter().zip(&weights)).unwrap();
+    let m = tree.metrics(&r).unwrap();
+    let h = |p: &[f64]| -p.iter().filter(|&&x| x > 0.0).map(|x| x * x.ln()).sum::<f64>();
+    let close = |k: &str, v: f64| assert!((m[k] - v).abs() < 1e-12, "{k}: {} vs {v}", m[k]);
+    close("tree.usage_entropy.1.5", h(&[0.75, 0.25]) / 2f64.ln());
+    close("tree.usage_entropy.2.5", h(&[0.5, 0.25, 0.0, 0.25]) / 4f64.ln());
+    // Under expert 0 (3 tokens): children 2, 2, 3 -> (2/3)^2 + (1/3)^2 = 5/9; under 1 (1 token): 1.
+    close("tree.agreement.1.5", (3.0 * 5.0 / 9.0 + 1.0) / 4.0);
+    close("tree.path_entropy.5", h(&[0.5, 0.25, 0.0, 0.25]) / 4f64.ln());
+    assert!(tree.metrics(&Routing::new(5, 2, vec![0], 1)).is_err(), "5 experts are not a b = 2, n = 2 tree");
 }

@@ -623,3 +623,37 @@ fn settings_read_environment_then_secrets_env_then_netrc() {
     assert_eq!(disabled.id(), None);
     assert!(!d.path().join("wandb").exists(), "disabled writes nothing");
 }
+
+#[test]
+fn images_are_logged_as_media_in_history() {
+    let fake = Fake::start();
+    let d = tempfile::tempdir().unwrap();
+    let mut run = wandb::start(d.path(), settings(&fake.url, Mode::Online), &config(), None).unwrap();
+    let id = run.id().unwrap().to_string();
+    let png = d.path().join("usage.png");
+    image::RgbaImage::from_pixel(30, 20, image::Rgba([255, 0, 0, 255])).save(&png).unwrap();
+    let bytes = std::fs::read(&png).unwrap();
+    run.log(Row::new().with("step", 7i64).with("val.loss", 2.5)).unwrap();
+    run.log_image("routing.usage", &png, 7).unwrap();
+    assert!(run.log_image("routing.bad", &d.path().join("nope.png"), 7).is_err());
+    std::fs::write(d.path().join("fake.png"), b"not a png").unwrap();
+    assert!(run.log_image("routing.bad", &d.path().join("fake.png"), 7).unwrap_err().to_string().contains("is not a PNG"));
+    run.finish(0).unwrap();
+
+    let r = fake.run(&id);
+    assert_eq!(r.history.len(), 1, "the image joins its step's line: {:?}", r.history);
+    let line: Value = serde_json::from_str(&r.history[0]).unwrap();
+    let img = &line["routing/usage"];
+    let sha = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert_eq!(img["_type"], "image-file");
+    assert_eq!(img["path"], format!("media/images/routing_usage_7_{}.png", &sha[..20]));
+    assert_eq!((img["width"].as_u64(), img["height"].as_u64(), img["size"].as_u64()), (Some(30), Some(20), Some(bytes.len() as u64)));
+    assert_eq!(img["sha256"], sha);
+    assert_eq!(line["val/loss"], 2.5);
+    let name = img["path"].as_str().unwrap();
+    assert_eq!(r.files[name], bytes, "the file itself is uploaded under its media path");
+    assert!(r.uploaded.iter().any(|u| u == name));
+}

@@ -71,19 +71,23 @@ impl Routing {
         let mut current = vec![0usize; self.n_experts]; // per expert, the length of the open run
         for t in 0..self.n_tokens() {
             // O(L K^2) per token: only the experts chosen at this layer or the previous one change.
-            let mut prev: &[i64] = &[];
+            // A token's slots may name an expert twice (a tree's paths share their upper edges): each
+            // expert counts once per layer.
+            let mut prev: Vec<i64> = vec![];
             for l in 0..n_layers {
-                let chosen = self.chosen(l, t);
+                let mut chosen = self.chosen(l, t).to_vec();
+                chosen.sort_unstable();
+                chosen.dedup();
                 for &e in prev.iter().filter(|e| !chosen.contains(e)) {
                     runs[current[e as usize]] += 1; // the run ends
                     current[e as usize] = 0;
                 }
-                for &e in chosen {
+                for &e in &chosen {
                     current[e as usize] += 1;
                 }
                 prev = chosen;
             }
-            for &e in prev {
+            for &e in &prev {
                 runs[current[e as usize]] += 1;
                 current[e as usize] = 0;
             }
@@ -186,12 +190,13 @@ pub fn table(m: &BTreeMap<String, f64>, layers: &[i64], n_experts: usize, top_k:
         "layer | usage entropy / ln E | MaxVio | consistency with next (chance {:.3}) | router cos max\n",
         chance_consistency(n_experts, top_k)
     );
-    for &l in layers {
+    for (i, &l) in layers.iter().enumerate() {
+        // the last MoE layer has no next one to agree with
+        let consistency = if i + 1 == layers.len() { "(last MoE layer)".to_string() } else { format!("{:.3}", get(format!("consistency.{l}"))) };
         s += &format!(
-            "{l:5} | {:20.3} | {:6.3} | {:36.3} | {:14.3}\n",
+            "{l:5} | {:20.3} | {:6.3} | {consistency:>36} | {:14.3}\n",
             get(format!("usage_entropy.{l}")) / (n_experts as f64).ln(),
             get(format!("max_vio.{l}")),
-            get(format!("consistency.{l}")),
             get(format!("router_cos_max.{l}"))
         );
     }

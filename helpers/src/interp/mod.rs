@@ -10,7 +10,8 @@
 //! - [`export`]: the long format interpretable-moes' analysis code reads (`sequence_ix, token_ix, token_id,
 //!   layer_ix, topk_ix, expert, weight`) as parquet and CSV, and expert usage counts saved during
 //!   training (`expert_usage.jsonl`);
-//! - [`plot`]: PNG heatmaps (usage per layer, layer-to-layer transitions) and usage over training.
+//! - [`plot`]: PNG heatmaps (usage per layer, layer-to-layer transitions, usage down a tree) and usage over training;
+//! - [`tree`]: metrics of a tree of experts (usage per depth, agreement below a shared parent, path entropy).
 //!
 //! Layers are named by their decoder-layer index (`layer_ix`), so with dense layers first the
 //! first MoE layer is not 0. Counts are of (token, slot) assignments: a token adds K.
@@ -20,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 pub mod export;
 pub mod metrics;
 pub mod plot;
+pub mod tree;
 
 pub use export::{read_usage, UsageRow};
 pub use metrics::{max_violation, usage_entropy, Stay};

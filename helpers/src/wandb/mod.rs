@@ -180,6 +180,18 @@ pub fn wandb_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("wandb")
 }
 
+/// The history value of a PNG logged as the image `key` at `step` (see [`Run::log_image`]).
+pub fn image_value(key: &str, step: i64, png: &[u8]) -> Result<serde_json::Value> {
+    use sha2::Digest;
+    anyhow::ensure!(png.len() >= 24 && png[..8] == *b"\x89PNG\r\n\x1a\n", "no PNG signature");
+    let (width, height) = (u32::from_be_bytes(png[16..20].try_into()?), u32::from_be_bytes(png[20..24].try_into()?)); // IHDR
+    let sha: String = sha2::Sha256::digest(png).iter().map(|b| format!("{b:02x}")).collect();
+    // The official client's name: the key with path separators replaced, the step, 20 hex digits.
+    let stem: String = panel_name(key).chars().map(|c| if c == '/' || c == '.' { '_' } else { c }).collect();
+    Ok(serde_json::json!({"_type": "image-file", "path": format!("media/images/{stem}_{step}_{}.png", &sha[..20]),
+        "sha256": sha, "size": png.len(), "format": "png", "width": width, "height": height}))
+}
+
 /// A fresh run id: 8 characters of [a-z0-9], as W&B's.
 pub fn new_run_id() -> String {
     use std::hash::{BuildHasher, Hasher};
@@ -430,6 +442,21 @@ impl Run {
     pub fn summary(&mut self, row: Row) -> Result<()> {
         let Some(spool) = &mut self.spool else { return Ok(()) };
         spool.append(&Record::Summary { values: row.0.iter().map(|(k, v)| (panel_name(k), v.to_json_text())).collect() })
+    }
+
+    /// Logs the PNG at `path` as the image `key` at `step`, as the official client logs a
+    /// `wandb.Image`: the file goes up as `media/images/<key>_<step>_<sha256[..20]>.png` and the
+    /// history row holds `{"_type": "image-file", "path", "sha256", "size", "format", "width",
+    /// "height"}`, so the run page shows it in the key's panel section with a step slider.
+    pub fn log_image(&mut self, key: &str, path: &Path, step: i64) -> Result<()> {
+        if self.spool.is_none() {
+            return Ok(());
+        }
+        let bytes = std::fs::read(path).with_cause(|| format!("cannot read {}", path.display()))?;
+        let value = image_value(key, step, &bytes).with_cause(|| format!("{} is not a PNG", path.display()))?;
+        let name = value["path"].as_str().unwrap().to_string();
+        self.save_bytes(&name, &bytes)?;
+        self.log(Row::new().with("step", step).with(key, value))
     }
 
     /// Uploads a file as a run file (snapshotted now under `<run>/wandb/files/`).
