@@ -26,6 +26,26 @@ def test_notebook_is_committed_without_outputs(nb):
     assert json.loads(nb.read_text())["metadata"]["kernelspec"]["name"] == "rust"
 
 
+def kernel_display_name() -> str:
+    """The display name setup.sh gives the Rust kernel it installs."""
+    m = re.search(r'spec\["display_name"\] = "([^"]+)"', (ROOT / "setup.sh").read_text())
+    assert m, "setup.sh no longer names the kernel"
+    return m.group(1)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[str(p.relative_to(ROOT)) for p in NOTEBOOKS])
+def test_notebook_is_saved_as_jupyter_saves_it(nb):
+    """Opening a notebook in JupyterLab and saving it (or autosave) must not dirty git: the file is
+    byte for byte what nbformat writes (sorted keys, one-space indent, a final newline), and its
+    kernelspec is the one JupyterLab fills in from the installed kernel."""
+    import nbformat
+    text = nb.read_text()
+    assert text == nbformat.writes(nbformat.reads(text, as_version=4)) + "\n", (
+        f"{nb.name} is not in nbformat's form; rewrite it with nbformat.write(nbformat.read(path, 4), path)")
+    spec = json.loads(text)["metadata"]["kernelspec"]
+    assert spec == {"display_name": kernel_display_name(), "language": "rust", "name": "rust"}, spec
+
+
 def test_every_experiment_has_a_notebook_and_a_readme():
     # Hidden folders are scratch copies a running test makes (test_program's .program-test).
     dirs = [d for d in (ROOT / "experiments").iterdir() if d.is_dir() and not d.name.startswith(".")]
