@@ -48,9 +48,7 @@ fn mem_case(name: &str, cfg: &ModelConfig, b: i64, t: i64, checkpointing: bool, 
         }
     }
     let measured = helpers::memory::peak_rss_bytes().unwrap() as f64 - base;
-    let shape = helpers::memory::ModelShape { vocab: cfg.vocab_size, hidden: cfg.hidden_size, layers: cfg.num_hidden_layers,
-        experts: cfg.num_experts, top_k: cfg.num_experts_per_tok, intermediate: cfg.intermediate_size, shared_experts: cfg.n_shared_experts,
-        dense_layers: cfg.n_dense_layers, dense_intermediate: cfg.dense_intermediate_size };
+    let shape = cfg.memory_shape(); // the experiment's own account of its activations
     let train = helpers::memory::TrainShape { micro_batch: b, seq_len: t, compute_bytes: 4, master_weights: false, muon_fraction: 0.0,
         activation_checkpointing: checkpointing, loss_chunk };
     let est = helpers::memory::estimate_with_params(&shape, &train, &[("cpu".to_string(), None)], &[], Some(&[n_params])).unwrap();

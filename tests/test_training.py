@@ -114,6 +114,11 @@ def test_run_is_logged_to_wandb(uninterrupted, wandb_server):
     assert r["complete"] == 0
     assert set(r["uploaded"]) >= {"config.yaml", "training_curves.png", "wandb-metadata.json"}
     assert r["files"]["training_curves.png"][:4] == b"\x89PNG"
+    # The figures as W&B media in the last step's line: the image object, its file uploaded.
+    last = r["history"][-1]
+    for key in ("training_curves", "routing/usage", "routing/usage_over_training"):
+        assert last[key]["_type"] == "image-file" and last[key]["path"].startswith("media/images/"), (key, last.get(key))
+        assert r["files"][last[key]["path"]][:4] == b"\x89PNG"
     no_key_in(run_dir)
 
 
