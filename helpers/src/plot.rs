@@ -148,7 +148,7 @@ pub(crate) struct Panel {
     pub legend: bool,
 }
 
-/// Palette: colour-blind-friendly (Okabe-Ito), then plotters' 99 for longer lists.
+/// Palette: colour-blind-friendly (Okabe-Ito, black swapped for purple), then plotters' 99 for longer lists.
 pub(crate) fn colour(i: usize) -> RGBColor {
     const OKABE_ITO: [RGBColor; 8] = [
         RGBColor(0, 114, 178),
@@ -157,7 +157,7 @@ pub(crate) fn colour(i: usize) -> RGBColor {
         RGBColor(204, 121, 167),
         RGBColor(230, 159, 0),
         RGBColor(86, 180, 233),
-        RGBColor(0, 0, 0),
+        RGBColor(117, 112, 179), // purple in place of Okabe-Ito's black: reference lines are black
         RGBColor(240, 228, 66),
     ];
     match OKABE_ITO.get(i) {
