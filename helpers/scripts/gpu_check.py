@@ -376,6 +376,11 @@ def run(args) -> int:
     report.say(f"done in {took:.0f}s: {sum(c['status'] == 'pass' for c in report.checks)} passed, {len(failed)} failed, "
                f"{sum(c['status'] == 'skipped' for c in report.checks)} skipped; {out / 'gpu-check.md'}")
     print((out / "gpu-check.md").read_text())
+    if not args.work:  # a temporary directory of ours: the programs' runs (checkpoints, ~1 GB)
+        if failed:
+            report.say(f"the programs' run directories stay in {work} for a look at the failures")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
 
 
