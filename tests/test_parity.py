@@ -142,6 +142,8 @@ for dir in std::env::var("MOE_PARITY_DIRS")?.split(':') {
     out.push(("trained_logits".into(), tch::no_grad(|| pmodel.forward(x).0)));
     let root = helpers::project_root()?;
     helpers::hf::export(dir.join("exported"), &pvs.variables().into_iter().collect::<Vec<_>>(), &pcfg, root.join(helpers::data::DEFAULT_TOKENIZER), AUX_COEF)?;
+    // The same, in shards of at most 64 KiB with an index, as a large model is exported.
+    helpers::hf::export_with_shard_size(dir.join("exported-sharded"), &pvs.variables().into_iter().collect::<Vec<_>>(), &pcfg, root.join(helpers::data::DEFAULT_TOKENIZER), AUX_COEF, 64 << 10)?;
     Tensor::write_safetensors(&out, dir.join("ours.safetensors"))?;
     println!("parity: wrote {}", dir.join("ours.safetensors").display());
 }
@@ -300,13 +302,19 @@ def test_five_muon_steps_match_torch_muon(parity_runs, case):
     assert worst <= 1e-4
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
 @pytest.mark.parametrize("case", CASES)
-def test_export_round_trip_through_transformers(parity_runs, case, tmp_path):
-    """The model trained 5 steps by the notebook's code, exported, loads in transformers with no
-    extra code and gives the notebook's logits; the tokenizer loads with AutoTokenizer."""
+def test_export_round_trip_through_transformers(parity_runs, case, sharded, tmp_path):
+    """The model trained 5 steps by the notebook's code, exported (in one file, or in 64 KiB shards
+    with an index), loads in transformers with no extra code and gives the notebook's logits; the
+    tokenizer loads with AutoTokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     ref, ours = parity_runs[case]
-    exported = parity_runs.base / case / "exported"
+    exported = parity_runs.base / case / ("exported-sharded" if sharded else "exported")
+    if sharded:
+        index = json.loads((exported / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) >= 2 and not (exported / "model.safetensors").exists(), shards
     model = AutoModelForCausalLM.from_pretrained(exported)
     assert type(model).__name__ == "OlmoeForCausalLM"
     x = load_file(str(parity_runs.base / case / "inputs.safetensors"))["input_ids"]

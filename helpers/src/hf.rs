@@ -400,6 +400,12 @@ pub fn load_weights(dir: impl AsRef<Path>, vs: &VarStore) -> Result<usize> {
 /// `router_aux_loss_coef`. Models plain OLMoE cannot express are refused, never exported wrong:
 /// shared experts, dense layers, an LFLB bias, or any tensor whose name transformers would not load.
 pub fn export(dir: impl AsRef<Path>, weights: &[(String, Tensor)], model_config: &impl serde::Serialize, tokenizer_json: impl AsRef<Path>, aux_loss_coef: f64) -> Result<PathBuf> {
+    export_with_shard_size(dir, weights, model_config, tokenizer_json, aux_loss_coef, MAX_SHARD_BYTES)
+}
+
+/// [`export`] with weight files of at most `max_shard_bytes` each (transformers' `max_shard_size`):
+/// above it, `model-0000k-of-0000n.safetensors` and `model.safetensors.index.json`.
+pub fn export_with_shard_size(dir: impl AsRef<Path>, weights: &[(String, Tensor)], model_config: &impl serde::Serialize, tokenizer_json: impl AsRef<Path>, aux_loss_coef: f64, max_shard_bytes: u64) -> Result<PathBuf> {
     let dir = dir.as_ref();
     let m = serde_json::to_value(model_config)?;
     let num = |k: &str| m.get(k).and_then(Value::as_i64).unwrap_or(0);
@@ -434,7 +440,7 @@ pub fn export(dir: impl AsRef<Path>, weights: &[(String, Tensor)], model_config:
     crate::run::write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&generation)?.as_bytes())?;
     // fp32, as config.json says (mixed-precision runs pass their fp32 master weights).
     let named: Vec<(String, Tensor)> = vars.into_iter().map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).contiguous())).collect();
-    write_weights(dir, &named, MAX_SHARD_BYTES)?;
+    write_weights(dir, &named, max_shard_bytes)?;
     std::fs::copy(tokenizer_json.as_ref(), dir.join("tokenizer.json"))
         .with_cause(|| format!("cannot copy {}", tokenizer_json.as_ref().display()))?;
     let tok_config = json!({
