@@ -114,6 +114,10 @@ def test_run_is_logged_to_wandb(uninterrupted, wandb_server):
     assert r["complete"] == 0
     assert set(r["uploaded"]) >= {"config.yaml", "training_curves.png", "wandb-metadata.json"}
     assert r["files"]["training_curves.png"][:4] == b"\x89PNG"
+    # Per-expert usage as one heatmap image per statistics row, not L x E scalar panels.
+    with_usage = [h for h in r["history"] if "expert_usage" in h]
+    assert [h["_step"] for h in with_usage] == [6, 12] and all(h["expert_usage"]["_type"] == "image-file" for h in with_usage)
+    assert not any(k.startswith("expert_usage/") for h in r["history"] for k in h)
     # The figures as W&B media in the last step's line: the image object, its file uploaded.
     last = r["history"][-1]
     for key in ("training_curves", "routing/usage", "routing/usage_over_training"):

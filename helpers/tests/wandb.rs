@@ -657,3 +657,31 @@ fn images_are_logged_as_media_in_history() {
     assert_eq!(r.files[name], bytes, "the file itself is uploaded under its media path");
     assert!(r.uploaded.iter().any(|u| u == name));
 }
+
+#[test]
+fn per_expert_usage_goes_up_as_one_heatmap_not_scalar_panels() {
+    let fake = Fake::start();
+    let d = tempfile::tempdir().unwrap();
+    let mut run = wandb::start(d.path(), settings(&fake.url, Mode::Online), &config(), None).unwrap();
+    let id = run.id().unwrap().to_string();
+    let mut row = Row::new().with("step", 10i64).with("train.loss", 3.0);
+    for l in 0..2 {
+        for e in 0..4 {
+            row = row.with(&format!("expert_usage.{l}.{e}"), 0.25);
+        }
+    }
+    run.log(row).unwrap();
+    run.log(Row::new().with("step", 11i64).with("train.loss", 2.9)).unwrap();
+    run.finish(0).unwrap();
+
+    let r = fake.run(&id);
+    let first: Value = serde_json::from_str(&r.history[0]).unwrap();
+    assert!(first.as_object().unwrap().keys().all(|k| !k.starts_with("expert_usage/")), "no scalar per expert: {first}");
+    let img = &first["expert_usage"];
+    assert_eq!(img["_type"], "image-file", "{first}");
+    let png = &r.files[img["path"].as_str().unwrap()];
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(first["train/loss"], 3.0);
+    let second: Value = serde_json::from_str(&r.history[1]).unwrap();
+    assert!(second.get("expert_usage").is_none(), "a row without usage has no image");
+}

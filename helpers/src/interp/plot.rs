@@ -172,15 +172,21 @@ fn colour_bar(area: &Area, scale: Scale, h: u32) -> DrawResult {
 
 /// Expert usage per MoE layer: `counts` (L_moe, E) as returned by `Routing::usage`.
 pub fn usage_heatmap(counts: &[Vec<u64>], layers: &[i64], path: &Path, title: &str) -> Result<()> {
-    let values: Vec<Vec<f64>> = counts
+    let shares: Vec<Vec<f64>> = counts
         .iter()
         .map(|c| {
             let total = c.iter().sum::<u64>();
-            c.iter().map(|&x| if total == 0 { f64::NAN } else { x as f64 / total as f64 * c.len() as f64 }).collect()
+            c.iter().map(|&x| if total == 0 { f64::NAN } else { x as f64 / total as f64 }).collect()
         })
         .collect();
+    share_heatmap(&shares, layers, path, title)
+}
+
+/// [`usage_heatmap`] from each layer's expert shares (rows summing to 1; NaN: no assignments).
+pub fn share_heatmap(shares: &[Vec<f64>], layers: &[i64], path: &Path, title: &str) -> Result<()> {
+    let values: Vec<Vec<f64>> = shares.iter().map(|s| s.iter().map(|x| x * s.len() as f64).collect()).collect();
     let labels: Vec<String> = layers.iter().map(|l| format!("layer {l}")).collect();
-    let e = counts.first().map_or(0, |c| c.len());
+    let e = shares.first().map_or(0, |c| c.len());
     let subtitle = format!("each cell: the expert's share of its layer's assignments / the balanced share 1/{e}");
     heatmap(&values, &labels, "expert", "", &format!("{title}: expert usage"), &subtitle, Scale::Balance, path)
 }

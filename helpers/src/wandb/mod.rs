@@ -36,7 +36,7 @@ use uploader::Uploader;
 /// `train/loss`, `val.accuracy` -> `val/accuracy`, `lr` -> `train/lr`, `grad_norm.experts` ->
 /// `train/grad_norm.experts`, `tokens_per_s` -> `perf/tokens_per_s`, `mfu.datasheet` ->
 /// `perf/mfu.datasheet`, `memory.peak_rss_gib` -> `perf/memory.peak_rss_gib`,
-/// `expert_usage.3.7` -> `expert_usage/3.7`. Any other dotted name splits at its first dot; a
+/// `interp.stay_mean` -> `interp/stay_mean`. Any other dotted name splits at its first dot; a
 /// plain name, `step` and W&B's own `_step`/`_runtime` keep theirs.
 pub fn panel_name(key: &str) -> String {
     const TRAIN: &[&str] = &["lr", "aux_coef", "tokens", "grad_norm", "skipped", "skipped_steps", "nonfinite"];
@@ -411,13 +411,26 @@ impl Run {
     /// integer `step` when it has one (else the next step); `_runtime` and `_timestamp` are added.
     /// Rows with the same step reach the server as one line. Writes one line to the spool; never
     /// waits for the network.
+    ///
+    /// Per-expert usage (`expert_usage.<layer>.<expert>`, a share for each of L x E experts) goes
+    /// to W&B as one heatmap image under `expert_usage` ([`crate::interp::plot::share_heatmap`])
+    /// instead of L x E scalar panels; `metrics.jsonl` keeps the numbers.
     pub fn log(&mut self, row: Row) -> Result<()> {
-        let Some(spool) = &mut self.spool else { return Ok(()) };
+        if self.spool.is_none() {
+            return Ok(());
+        }
         let step = match row.0.get("step") {
             Some(Metric::Int(s)) => *s,
             _ => self.last_step + 1,
         };
-        let mut row = Row(row.0.into_iter().map(|(k, v)| (panel_name(&k), v)).collect());
+        let (usage, rest): (BTreeMap<String, Metric>, BTreeMap<String, Metric>) = row.0.into_iter().partition(|(k, _)| k.starts_with("expert_usage."));
+        let mut row = Row(rest.into_iter().map(|(k, v)| (panel_name(&k), v)).collect());
+        if let Some(png) = self.usage_image(&usage, step)? {
+            let value = image_value("expert_usage", step, &png)?;
+            self.save_bytes(value["path"].as_str().unwrap(), &png)?;
+            row.0.insert("expert_usage".into(), Metric::Json(value));
+        }
+        let Some(spool) = &mut self.spool else { return Ok(()) };
         self.last_step = self.last_step.max(step);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         row.0.insert("_step".into(), Metric::Int(step));
@@ -425,6 +438,33 @@ impl Run {
         row.0.insert("_timestamp".into(), Metric::Float(now));
         let values = row.0.iter().map(|(k, v)| (k.clone(), v.to_json_text())).collect();
         spool.append(&Record::History { step, values })
+    }
+
+    /// The heatmap of `expert_usage.<layer>.<expert>` shares (None without any).
+    fn usage_image(&self, usage: &BTreeMap<String, Metric>, step: i64) -> Result<Option<Vec<u8>>> {
+        let mut grid: BTreeMap<i64, BTreeMap<i64, f64>> = BTreeMap::new();
+        for (k, v) in usage {
+            let parsed = k.strip_prefix("expert_usage.").and_then(|r| r.split_once('.')).and_then(|(l, e)| Some((l.parse::<i64>().ok()?, e.parse::<i64>().ok()?)));
+            let value = match v {
+                Metric::Float(f) => *f,
+                Metric::Int(i) => *i as f64,
+                Metric::Json(_) => f64::NAN,
+            };
+            if let Some((l, e)) = parsed {
+                grid.entry(l).or_default().insert(e, value);
+            }
+        }
+        if grid.is_empty() {
+            return Ok(None);
+        }
+        let n_experts = grid.values().map(|m| m.keys().max().map_or(0, |e| e + 1)).max().unwrap_or(0) as usize;
+        let layers: Vec<i64> = grid.keys().cloned().collect();
+        let shares: Vec<Vec<f64>> = grid.values().map(|m| (0..n_experts as i64).map(|e| m.get(&e).copied().unwrap_or(f64::NAN)).collect()).collect();
+        let path = wandb_dir(&self.run_dir).join(format!("expert_usage-{step}.png"));
+        crate::interp::plot::share_heatmap(&shares, &layers, &path, &format!("step {step}"))?;
+        let png = std::fs::read(&path)?;
+        let _ = std::fs::remove_file(&path);
+        Ok(Some(png))
     }
 
     /// Marks the run preempting (the process got SIGTERM and is about to end): W&B shows it so,
