@@ -32,6 +32,8 @@ struct FakeRun {
     preempting: bool,
     uploaded: Vec<String>,
     files: HashMap<String, Vec<u8>>,
+    /// Lines of wandb-events.jsonl (system metrics).
+    events: Vec<String>,
 }
 
 #[derive(Default)]
@@ -210,6 +212,13 @@ fn handle(st: &Mutex<State>, base: &str, method: &str, path: &str, headers: &Has
                 }
                 run.history.push(line.to_string());
             }
+        }
+        if let Some(ev) = req["files"].get("wandb-events.jsonl") {
+            let offset = ev["offset"].as_u64().unwrap() as usize;
+            if offset != run.events.len() {
+                violations.push(format!("events offset {offset} but {} lines received so far", run.events.len()));
+            }
+            run.events.extend(ev["content"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()));
         }
         if let Some(sm) = req["files"].get("wandb-summary.json") {
             if sm["offset"] != 0 || sm["content"].as_array().map(|a| a.len()) != Some(1) {
@@ -684,4 +693,43 @@ fn per_expert_usage_goes_up_as_one_heatmap_not_scalar_panels() {
     assert_eq!(first["train/loss"], 3.0);
     let second: Value = serde_json::from_str(&r.history[1]).unwrap();
     assert!(second.get("expert_usage").is_none(), "a row without usage has no image");
+}
+
+#[test]
+fn system_metrics_go_up_as_events_lines() {
+    let fake = Fake::start();
+    let d = tempfile::tempdir().unwrap();
+    let mut s = settings(&fake.url, Mode::Online);
+    s.system_every = Some(Duration::from_millis(150));
+    let mut run = wandb::start(d.path(), s, &config(), None).unwrap();
+    let id = run.id().unwrap().to_string();
+    for step in 0..8i64 {
+        run.log(Row::new().with("step", step).with("train.loss", 1.0)).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    run.finish(0).unwrap();
+
+    assert_eq!(fake.violations(), Vec::<String>::new(), "events offsets contiguous");
+    let r = fake.run(&id);
+    assert!(r.events.len() >= 2, "{} system samples in 1.2 s at 0.15 s", r.events.len());
+    for line in &r.events {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["_wandb"], true);
+        assert!(v["_timestamp"].is_f64() && v["_runtime"].is_f64(), "{line}");
+        assert!((0.0..=100.0).contains(&v["system.cpu"].as_f64().unwrap()), "{line}");
+        assert!(v["system.memory"].is_f64() && v["system.proc.memory.rssMB"].as_f64().unwrap() > 0.0, "{line}");
+    }
+    assert!(r.history.iter().all(|h| !h.contains("system.")), "system metrics stay out of the history");
+}
+
+#[test]
+fn the_system_sampling_interval_is_read_from_the_environment() {
+    // Only values every other test here can live with (tests share the process environment).
+    let d = tempfile::tempdir().unwrap();
+    std::env::set_var("WANDB_X_STATS_SAMPLING_INTERVAL", "0");
+    assert_eq!(Settings::from_env(d.path(), "p").unwrap().system_every, None, "0 turns it off");
+    std::env::set_var("WANDB_X_STATS_SAMPLING_INTERVAL", "2.5");
+    assert_eq!(Settings::from_env(d.path(), "p").unwrap().system_every, Some(Duration::from_millis(2500)));
+    std::env::remove_var("WANDB_X_STATS_SAMPLING_INTERVAL");
+    assert_eq!(Settings::from_env(d.path(), "p").unwrap().system_every, Some(Duration::from_secs(15)));
 }

@@ -17,6 +17,7 @@
 mod api;
 pub mod metadata;
 mod spool;
+pub mod system;
 mod uploader;
 
 pub use api::{ApiKey, Failure};
@@ -90,6 +91,9 @@ pub struct Settings {
     pub finish_timeout: Duration,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// System metrics (`system`) every this long, by the live client; None: off
+    /// (`WANDB_X_STATS_SAMPLING_INTERVAL` seconds, 0 = off; default 15).
+    pub system_every: Option<Duration>,
 }
 
 /// `KEY=VALUE` lines of a `secrets.env` (comments, blank lines, `export ` and quotes allowed).
@@ -162,6 +166,12 @@ impl Settings {
             run_id: get("WANDB_RUN_ID"),
             batch_interval: Duration::from_secs(5),
             heartbeat: Duration::from_secs(30),
+            system_every: match get("WANDB_X_STATS_SAMPLING_INTERVAL").map(|s| s.trim().parse::<f64>()) {
+                Some(Ok(secs)) if secs <= 0.0 => None,
+                Some(Ok(secs)) => Some(Duration::from_secs_f64(secs)),
+                Some(Err(_)) => bail!("WANDB_X_STATS_SAMPLING_INTERVAL must be a number of seconds (0 = off)"),
+                None => Some(Duration::from_secs(15)),
+            },
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(60),
             finish_timeout: Duration::from_secs(60),
@@ -316,6 +326,7 @@ pub fn start(run_dir: &Path, settings: Settings, config: &serde_json::Value, res
         // Whether to ask the server what it already has comes from the spool's run record.
         let mut up = Uploader::new(client, spool_path, files_dir, false, s.heartbeat);
         up.hold_newest = true;
+        up.system_every = s.system_every; // a live process: its machine's metrics
         upload_loop(up, rx, status, &s);
     })?);
     run.tx = Some(tx);

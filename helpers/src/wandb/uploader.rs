@@ -29,6 +29,8 @@ struct InFlight {
     last_step: i64,
     complete: bool,
     uploaded: usize,
+    /// System-metric lines it carries.
+    events: usize,
 }
 
 pub struct Uploader {
@@ -71,6 +73,13 @@ pub struct Uploader {
     pub skipped_files: Vec<String>,
     file_failures: u32,
     file_retry_at: Option<Instant>,
+    /// System metrics (`wandb-events.jsonl`) every this long; None (sync of a spool): none.
+    pub system_every: Option<Duration>,
+    system: Option<super::system::Sampler>,
+    last_system: Option<Instant>,
+    events: Vec<String>,
+    events_offset: i64,
+    started: Instant,
 }
 
 /// Tries of one file upload that fails transiently before it is skipped.
@@ -84,6 +93,7 @@ impl Uploader {
             summary_dirty: false, files: VecDeque::new(), uploaded: Vec::new(), finish: None, complete_sent: false,
             fatal: None, stopped: false, lines_seen: 0, lines_done: 0, last_post: Instant::now(), heartbeat,
             skipped_files: Vec::new(), file_failures: 0, file_retry_at: None,
+            system_every: None, system: None, last_system: None, events: Vec::new(), events_offset: 0, started: Instant::now(),
         }
     }
 
@@ -168,6 +178,7 @@ impl Uploader {
             let status = self.client.run_resume_status(&entity, &project, &run.id)?;
             let b = &status["model"]["bucket"];
             self.offset = b["historyLineCount"].as_i64().unwrap_or(0);
+            self.events_offset = b["eventsLineCount"].as_i64().unwrap_or(0);
             let summary: Value = b["summaryMetrics"].as_str().and_then(|s| serde_json::from_str(s).ok()).unwrap_or(Value::Null);
             self.server_last_step = summary["_step"].as_i64().unwrap_or(if self.offset > 0 { i64::MAX } else { -1 });
         }
@@ -246,11 +257,12 @@ impl Uploader {
             self.summary.extend(sent.values);
             self.summary_dirty = true;
         }
+        self.sample_system();
         let drained = self.pending.is_empty() && self.files.is_empty();
         let complete = drained && self.finish.is_some() && !self.complete_sent;
         let heartbeat_due = self.last_post.elapsed() >= self.heartbeat && !self.complete_sent;
         let preempting = self.preempting == Preempting::ToSend;
-        if lines.is_empty() && !self.summary_dirty && self.uploaded.is_empty() && !complete && !heartbeat_due && !preempting {
+        if lines.is_empty() && self.events.is_empty() && !self.summary_dirty && self.uploaded.is_empty() && !complete && !heartbeat_due && !preempting {
             return None;
         }
         let mut files = serde_json::Map::new();
@@ -259,6 +271,9 @@ impl Uploader {
         }
         if self.summary_dirty {
             files.insert("wandb-summary.json".into(), json!({ "offset": 0, "content": [self.summary_line()] }));
+        }
+        if !self.events.is_empty() {
+            files.insert("wandb-events.jsonl".into(), json!({ "offset": self.events_offset, "content": self.events }));
         }
         let mut body = serde_json::Map::new();
         if !files.is_empty() {
@@ -277,7 +292,26 @@ impl Uploader {
             body.insert("exitcode".into(), json!(self.finish.unwrap()));
         }
         self.summary_dirty = false;
-        Some(InFlight { body: Value::Object(body).to_string(), lines: lines.len(), last_step, complete, uploaded: self.uploaded.len() })
+        Some(InFlight { body: Value::Object(body).to_string(), lines: lines.len(), last_step, complete, uploaded: self.uploaded.len(), events: self.events.len() })
+    }
+
+    /// Takes a system sample when one is due (a line of `wandb-events.jsonl`).
+    fn sample_system(&mut self) {
+        let Some(every) = self.system_every else { return };
+        if self.last_system.is_some_and(|t| t.elapsed() < every) || self.finish.is_some() {
+            return;
+        }
+        let first = self.system.is_none();
+        let sampler = self.system.get_or_insert_with(super::system::Sampler::new);
+        self.last_system = Some(Instant::now());
+        if first {
+            return; // the CPU share needs two readings
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let mut values: Vec<(&str, String)> = vec![("_wandb", "true".into()), ("_timestamp", format!("{now}")), ("_runtime", format!("{}", self.started.elapsed().as_secs_f64()))];
+        let sample = sampler.sample();
+        values.extend(sample.iter().map(|(k, v)| (k.as_str(), super::spool::Metric::Float(*v).to_json_text())));
+        self.events.push(object_text(values.into_iter()));
     }
 
     /// One round: read new spool records, create the run if needed, upload files, send one
@@ -301,6 +335,8 @@ impl Uploader {
         self.lines_done += req.lines;
         self.server_last_step = self.server_last_step.max(req.last_step);
         self.uploaded.drain(..req.uploaded);
+        self.events.drain(..req.events);
+        self.events_offset += req.events as i64;
         self.complete_sent |= req.complete;
         if self.preempting == Preempting::InFlight {
             self.preempting = Preempting::Sent;
