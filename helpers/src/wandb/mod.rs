@@ -202,6 +202,30 @@ pub fn image_value(key: &str, step: i64, png: &[u8]) -> Result<serde_json::Value
         "sha256": sha, "size": png.len(), "format": "png", "width": width, "height": height}))
 }
 
+/// The usage heatmap (PNG bytes) of a history row's per-expert shares, given as
+/// (`<layer>.<expert>` after `expert_usage/`, share) pairs; None when there are none. Drawn in
+/// `scratch` (a file removed again).
+pub fn usage_heatmap_png<'a>(shares: impl IntoIterator<Item = (&'a str, f64)>, step: i64, scratch: &Path) -> Result<Option<Vec<u8>>> {
+    let mut grid: BTreeMap<i64, BTreeMap<i64, f64>> = BTreeMap::new();
+    for (k, v) in shares {
+        if let Some((l, e)) = k.split_once('.').and_then(|(l, e)| Some((l.parse::<i64>().ok()?, e.parse::<i64>().ok()?))) {
+            grid.entry(l).or_default().insert(e, v);
+        }
+    }
+    if grid.is_empty() {
+        return Ok(None);
+    }
+    let n_experts = grid.values().filter_map(|m| m.keys().max()).max().map_or(0, |e| e + 1);
+    let layers: Vec<i64> = grid.keys().cloned().collect();
+    let rows: Vec<Vec<f64>> = grid.values().map(|m| (0..n_experts).map(|e| m.get(&e).copied().unwrap_or(f64::NAN)).collect()).collect();
+    std::fs::create_dir_all(scratch)?;
+    let path = scratch.join(format!("expert_usage-{step}.png"));
+    crate::interp::plot::share_heatmap(&rows, &layers, &path, &format!("step {step}"))?;
+    let png = std::fs::read(&path)?;
+    let _ = std::fs::remove_file(&path);
+    Ok(Some(png))
+}
+
 /// A fresh run id: 8 characters of [a-z0-9], as W&B's.
 pub fn new_run_id() -> String {
     use std::hash::{BuildHasher, Hasher};
@@ -423,25 +447,16 @@ impl Run {
     /// Rows with the same step reach the server as one line. Writes one line to the spool; never
     /// waits for the network.
     ///
-    /// Per-expert usage (`expert_usage.<layer>.<expert>`, a share for each of L x E experts) goes
-    /// to W&B as one heatmap image under `expert_usage` ([`crate::interp::plot::share_heatmap`])
-    /// instead of L x E scalar panels; `metrics.jsonl` keeps the numbers.
+    /// Per-expert usage (`expert_usage.<layer>.<expert>`, a share for each of L x E experts) is
+    /// written to the spool as it is; the uploader thread turns it into one heatmap image under
+    /// `expert_usage` ([`usage_heatmap_png`]), off the training thread.
     pub fn log(&mut self, row: Row) -> Result<()> {
-        if self.spool.is_none() {
-            return Ok(());
-        }
+        let Some(spool) = &mut self.spool else { return Ok(()) };
         let step = match row.0.get("step") {
             Some(Metric::Int(s)) => *s,
             _ => self.last_step + 1,
         };
-        let (usage, rest): (BTreeMap<String, Metric>, BTreeMap<String, Metric>) = row.0.into_iter().partition(|(k, _)| k.starts_with("expert_usage."));
-        let mut row = Row(rest.into_iter().map(|(k, v)| (panel_name(&k), v)).collect());
-        if let Some(png) = self.usage_image(&usage, step)? {
-            let value = image_value("expert_usage", step, &png)?;
-            self.save_bytes(value["path"].as_str().unwrap(), &png)?;
-            row.0.insert("expert_usage".into(), Metric::Json(value));
-        }
-        let Some(spool) = &mut self.spool else { return Ok(()) };
+        let mut row = Row(row.0.into_iter().map(|(k, v)| (panel_name(&k), v)).collect());
         self.last_step = self.last_step.max(step);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         row.0.insert("_step".into(), Metric::Int(step));
@@ -449,33 +464,6 @@ impl Run {
         row.0.insert("_timestamp".into(), Metric::Float(now));
         let values = row.0.iter().map(|(k, v)| (k.clone(), v.to_json_text())).collect();
         spool.append(&Record::History { step, values })
-    }
-
-    /// The heatmap of `expert_usage.<layer>.<expert>` shares (None without any).
-    fn usage_image(&self, usage: &BTreeMap<String, Metric>, step: i64) -> Result<Option<Vec<u8>>> {
-        let mut grid: BTreeMap<i64, BTreeMap<i64, f64>> = BTreeMap::new();
-        for (k, v) in usage {
-            let parsed = k.strip_prefix("expert_usage.").and_then(|r| r.split_once('.')).and_then(|(l, e)| Some((l.parse::<i64>().ok()?, e.parse::<i64>().ok()?)));
-            let value = match v {
-                Metric::Float(f) => *f,
-                Metric::Int(i) => *i as f64,
-                Metric::Json(_) => f64::NAN,
-            };
-            if let Some((l, e)) = parsed {
-                grid.entry(l).or_default().insert(e, value);
-            }
-        }
-        if grid.is_empty() {
-            return Ok(None);
-        }
-        let n_experts = grid.values().map(|m| m.keys().max().map_or(0, |e| e + 1)).max().unwrap_or(0) as usize;
-        let layers: Vec<i64> = grid.keys().cloned().collect();
-        let shares: Vec<Vec<f64>> = grid.values().map(|m| (0..n_experts as i64).map(|e| m.get(&e).copied().unwrap_or(f64::NAN)).collect()).collect();
-        let path = wandb_dir(&self.run_dir).join(format!("expert_usage-{step}.png"));
-        crate::interp::plot::share_heatmap(&shares, &layers, &path, &format!("step {step}"))?;
-        let png = std::fs::read(&path)?;
-        let _ = std::fs::remove_file(&path);
-        Ok(Some(png))
     }
 
     /// Marks the run preempting (the process got SIGTERM and is about to end): W&B shows it so,

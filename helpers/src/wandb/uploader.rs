@@ -124,7 +124,8 @@ impl Uploader {
                 // The summary takes a row's values when the row is sent (next_request): a row held
                 // back must not show in the summary's `_step`, which a resumed run reads as the
                 // last step the server has.
-                Record::History { step, values } => {
+                Record::History { step, mut values } => {
+                    self.usage_image(step, &mut values);
                     // A resumed process logs again the steps after its checkpoint: its rows replace
                     // the unsent rows an earlier process left for those steps (its held newest row).
                     let row = Line { step, process: self.process, values };
@@ -140,6 +141,29 @@ impl Uploader {
             }
         }
         Ok(())
+    }
+
+    /// A row's per-expert usage shares (`expert_usage/<layer>.<expert>`, L x E of them) become one
+    /// heatmap image under `expert_usage`, its file queued for upload, instead of L x E scalar
+    /// panels (`metrics.jsonl` keeps the numbers). Drawn here, in the uploader's thread (or by
+    /// `sync`), not in the training loop. A row whose heatmap cannot be drawn keeps no usage.
+    fn usage_image(&mut self, step: i64, values: &mut BTreeMap<String, String>) {
+        let keys: Vec<String> = values.keys().filter(|k| k.starts_with("expert_usage/")).cloned().collect();
+        if keys.is_empty() {
+            return;
+        }
+        let shares: Vec<(String, f64)> = keys.iter().map(|k| (k["expert_usage/".len()..].to_string(), values[k].parse::<f64>().unwrap_or(f64::NAN))).collect();
+        keys.iter().for_each(|k| { values.remove(k); });
+        let png = super::usage_heatmap_png(shares.iter().map(|(k, v)| (k.as_str(), *v)), step, &self.files_dir.join("scratch"));
+        let Ok(Some(png)) = png else { return };
+        let Ok(value) = super::image_value("expert_usage", step, &png) else { return };
+        let name = value["path"].as_str().unwrap().to_string();
+        let path = self.files_dir.join(&name);
+        let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|_| std::fs::write(&path, &png));
+        if written.is_ok() {
+            self.files.push_back(name);
+            values.insert("expert_usage".into(), value.to_string());
+        }
     }
 
     fn ensure_run(&mut self) -> Result<(), Failure> {
