@@ -114,10 +114,10 @@ impl std::fmt::Display for Estimate {
         } else {
             writeln!(f, "memory estimate (GiB):")?;
             writeln!(f, "{:10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}", "device", "weights", "gradients", "optimizer", "activations", "peak", "capacity")?;
-        }
-        for d in self.devices.iter().filter(|_| self.devices.len() > 1) {
-            let cap = d.capacity.map_or("?".to_string(), |c| format!("{:.2}", g(c)));
-            writeln!(f, "{:10} {:10.3} {:10.3} {:10.3} {:12.3} {:10.3} {:>10}", d.device, g(d.weights), g(d.gradients), g(d.optimizer), g(d.activations), g(d.peak()), cap)?;
+            for d in &self.devices {
+                let cap = d.capacity.map_or("?".to_string(), |c| format!("{:.2}", g(c)));
+                writeln!(f, "{:10} {:10.3} {:10.3} {:10.3} {:12.3} {:10.3} {:>10}", d.device, g(d.weights), g(d.gradients), g(d.optimizer), g(d.activations), g(d.peak()), cap)?;
+            }
         }
         for d in self.over_capacity() {
             writeln!(f, "WARNING: {} needs about {:.2} GiB but has {:.2} GiB: lower micro_batch_size, turn on activation_checkpointing, or place experts on more devices", d.device, g(d.peak()), g(d.capacity.unwrap_or(0.0)))?;
